@@ -1,0 +1,46 @@
+"""onnxcomp: compress convolutional networks at the ONNX level and prove the result in onnxruntime.
+
+Python entry point: `onnxcomp.optimize(model_or_path, pipeline, data=None, seed=0)`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import onnx
+
+__version__ = "0.1.0"
+
+__all__ = ["optimize", "__version__"]
+
+
+def optimize(
+    model_or_path: onnx.ModelProto | str | os.PathLike,
+    pipeline: Any = "normalize",
+    data: Any = None,
+    seed: int = 0,
+    *,
+    input_shapes: dict[str, list[int]] | None = None,
+    normalize: bool = True,
+    **run_options: Any,
+):
+    """Run a pipeline (string, recipe name/path, list of passes or Pipeline) on a model.
+
+    `data` is anything `onnxcomp.data.open_source` accepts (an .npz path, a folder, a dict of arrays,
+    a DataSource) or None. Returns (ModelProto, Report). The input model is not modified.
+    `run_options` go to `Pipeline.run` (tolerance, validate, validate_each, on_fail).
+    """
+    from onnxcomp.model import as_model
+    from onnxcomp.passes.base import Context
+    from onnxcomp.pipeline import Pipeline
+
+    model = as_model(model_or_path)
+    pipe = Pipeline.parse(pipeline, normalize=normalize)
+    source = None
+    if data is not None:
+        from onnxcomp.data import open_source
+
+        source = open_source(data, model=model, input_shapes=input_shapes or {})
+    ctx = Context(data=source, seed=seed, input_shapes=dict(input_shapes or {}))
+    return pipe.run(model, ctx, **run_options)

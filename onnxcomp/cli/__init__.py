@@ -1,0 +1,68 @@
+"""`onnxcomp <verb>`: each verb lives in its own module with `add_parser(subparsers)` and `run(args)`.
+
+Exit codes: 0 ok, 1 validation failed, 2 bad usage or input, 3 internal error. Errors are one line
+on stderr (set ONNXCOMP_TRACEBACK=1 to see the traceback of an internal error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from onnxcomp.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, OnnxcompError
+
+VERBS = ["optimize", "passes", "zoo", "validate", "bench", "inspect"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse exits 2 with usage; keep it to one line
+        print(f"onnxcomp: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from onnxcomp import __version__
+
+    parser = _Parser(prog="onnxcomp", description="Compress CNNs at the ONNX level, validated in onnxruntime.")
+    parser.add_argument("--version", action="version", version=f"onnxcomp {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    for verb in VERBS:
+        try:
+            mod = importlib.import_module(f"onnxcomp.cli.{verb}_cmd")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"onnxcomp.cli.{verb}_cmd":
+                raise
+            continue
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "verb", None):
+        parser.print_help(sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return int(args.func(args) or 0)
+    except OnnxcompError as exc:
+        print(f"onnxcomp: {type(exc).__name__ if exc.exit_code == EXIT_INTERNAL else 'error'}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnxcomp: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("onnxcomp: internal error: out of memory", file=sys.stderr)
+        return EXIT_INTERNAL
+    except Exception as exc:  # an internal error: one line unless asked for the traceback
+        if os.environ.get("ONNXCOMP_TRACEBACK"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"onnxcomp: internal error: {type(exc).__name__}: {first} (ONNXCOMP_TRACEBACK=1 for details)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def run() -> None:
+    sys.exit(main())

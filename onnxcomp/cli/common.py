@@ -1,0 +1,77 @@
+"""Flags shared by several verbs, and small output helpers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from onnxcomp.tolerance import Tolerance
+
+
+def add_tolerance_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tolerance (any combination; all given must hold)")
+    g.add_argument("--rtol", type=float, default=None, help="elementwise relative tolerance (e.g. 1e-4)")
+    g.add_argument("--atol", type=float, default=None, help="elementwise absolute tolerance (e.g. 1e-5)")
+    g.add_argument("--min-cosine", type=float, default=None, help="minimum cosine similarity per output")
+    g.add_argument("--max-top1-drop", type=float, default=None, help="max top-1 accuracy drop / disagreement, in points")
+
+
+def tolerance_from_args(args: argparse.Namespace, default: Tolerance | None = None) -> Tolerance | None:
+    tol = Tolerance(rtol=args.rtol, atol=args.atol, min_cosine=args.min_cosine, max_top1_drop=args.max_top1_drop)
+    if tol.rtol is not None and tol.atol is None:
+        tol = Tolerance(rtol=tol.rtol, atol=0.0, min_cosine=tol.min_cosine, max_top1_drop=tol.max_top1_drop)
+    if tol.atol is not None and tol.rtol is None:
+        tol = Tolerance(rtol=0.0, atol=tol.atol, min_cosine=tol.min_cosine, max_top1_drop=tol.max_top1_drop)
+    return tol if tol.is_set else default
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None, help="calibration/validation data: .npz, folder of .npy, or image folder (see README)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
+                   help="concrete shape for an input with symbolic dims (repeatable)")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per batch when streaming data")
+    p.add_argument("--samples", type=int, default=None, help="random-data samples / cap on data samples")
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def table(rows: list[list[Any]], headers: list[str]) -> str:
+    """A plain aligned text table (numbers right-aligned)."""
+    cells = [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    numeric = [all(_is_num(r[i]) for r in rows) if rows else False for i in range(len(headers))]
+
+    def line(vals: list[str]) -> str:
+        return "  ".join(v.rjust(w) if numeric[i] else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths, strict=True))).rstrip()
+
+    out = [line(headers), line(["-" * w for w in widths])]
+    out.extend(line(r) for r in cells)
+    return "\n".join(out)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v)
+
+
+def human_count(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))

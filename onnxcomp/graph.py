@@ -1,0 +1,337 @@
+"""Shared graph helpers: index a graph, read a Conv/Gemm and its weights, and apply edits.
+
+Every pass reads layers through `GraphIndex` and writes through `GraphEditor`; no pass edits protobuf
+lists by hand. Nodes a pass creates are named after the node they replace (`conv3/tucker_in`, ...).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    """Value of a node attribute (python types), or `default` when absent."""
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
+    for imp in model.opset_import:
+        if imp.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return imp.version
+    return 0
+
+
+class GraphIndex:
+    """Read-only lookups over a model's main graph: initializers, producers, consumers, shapes."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in self.graph.initializer}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.graph.node:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for inp in node.input:
+                if inp:
+                    self.consumers[inp].append(node)
+        self.graph_outputs = {o.name for o in self.graph.output}
+        self.graph_inputs = {i.name for i in self.graph.input if i.name not in self.initializers}
+        self._shapes: dict[str, list] = {}
+        for vi in list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+                self._shapes[vi.name] = [
+                    d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                    for d in vi.type.tensor_type.shape.dim
+                ]
+
+    def array(self, name: str) -> np.ndarray | None:
+        """The initializer `name` as a numpy array, or None if it is not a constant."""
+        t = self.initializers.get(name)
+        return None if t is None else numpy_helper.to_array(t)
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.initializers
+
+    def shape(self, name: str) -> list | None:
+        """Shape from value_info (ints, symbolic names or None per dim), or None if unknown."""
+        if name in self.initializers:
+            return list(self.initializers[name].dims)
+        return self._shapes.get(name)
+
+    def static_shape(self, name: str) -> tuple[int, ...] | None:
+        shp = self.shape(name)
+        if shp is None or any(not isinstance(d, int) or d <= 0 for d in shp):
+            return None
+        return tuple(shp)
+
+    def nodes(self, op_types: Iterable[str] | None = None) -> list[onnx.NodeProto]:
+        ops = set(op_types) if op_types is not None else None
+        return [n for n in self.graph.node if ops is None or n.op_type in ops]
+
+
+def node_label(node: onnx.NodeProto, index: int | None = None) -> str:
+    """A stable, human-readable name for a node (its name, else op + first output)."""
+    if node.name:
+        return node.name
+    return f"{node.op_type}:{node.output[0]}" if node.output else f"{node.op_type}#{index}"
+
+
+@dataclass
+class ConvLayer:
+    """A Conv node with constant weights, its attributes resolved to explicit values."""
+
+    node: onnx.NodeProto
+    weight: np.ndarray  # (T, S/g, *kernel)
+    bias: np.ndarray | None
+    group: int
+    strides: list[int]
+    dilations: list[int]
+    pads: list[int] | None  # explicit begin..end pads; None when auto_pad is SAME_* (kept as attribute)
+    auto_pad: str  # "NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"
+
+    @property
+    def name(self) -> str:
+        return node_label(self.node)
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.weight.shape[1]) * self.group
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(int(k) for k in self.weight.shape[2:])
+
+    @property
+    def spatial_rank(self) -> int:
+        return self.weight.ndim - 2
+
+    def geometry_attributes(self) -> dict:
+        """Attributes to put on a replacement KxK conv so it sees exactly the same windows."""
+        out: dict = {"strides": self.strides, "dilations": self.dilations, "kernel_shape": list(self.kernel)}
+        if self.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            out["auto_pad"] = self.auto_pad
+        else:
+            out["pads"] = self.pads if self.pads is not None else [0] * (2 * self.spatial_rank)
+        return out
+
+
+def read_conv(index: GraphIndex, node: onnx.NodeProto) -> ConvLayer | str:
+    """A ConvLayer, or the reason this Conv cannot be read as one (non-constant weight, ...)."""
+    if node.op_type != "Conv":
+        return f"not a Conv ({node.op_type})"
+    w = index.array(node.input[1]) if len(node.input) > 1 else None
+    if w is None:
+        return "weight is not a constant initializer"
+    if w.dtype != np.float32:
+        return f"weight dtype {w.dtype} is not float32"
+    b = None
+    if len(node.input) > 2 and node.input[2]:
+        b = index.array(node.input[2])
+        if b is None:
+            return "bias is not a constant initializer"
+    nsp = w.ndim - 2
+    auto_pad = attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    pads = attr(node, "pads")
+    if auto_pad == "VALID":
+        pads = [0] * (2 * nsp)
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = None
+    else:
+        pads = list(pads) if pads is not None else [0] * (2 * nsp)
+    return ConvLayer(
+        node=node,
+        weight=w,
+        bias=b,
+        group=int(attr(node, "group", 1)),
+        strides=list(attr(node, "strides", [1] * nsp)),
+        dilations=list(attr(node, "dilations", [1] * nsp)),
+        pads=pads,
+        auto_pad=auto_pad,
+    )
+
+
+@dataclass
+class DenseLayer:
+    """A Gemm, or a MatMul whose second operand is a constant 2-D matrix: y = x @ W (+ b)."""
+
+    node: onnx.NodeProto
+    weight: np.ndarray  # (in_features, out_features), i.e. already transposed to x @ W form
+    bias: np.ndarray | None
+    alpha: float = 1.0
+    beta: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return node_label(self.node)
+
+
+def read_dense(index: GraphIndex, node: onnx.NodeProto) -> DenseLayer | str:
+    """A DenseLayer (weights as x @ W), or the reason the node is not one."""
+    if node.op_type == "MatMul":
+        w = index.array(node.input[1])
+        if w is None or w.ndim != 2:
+            return "MatMul second operand is not a constant matrix"
+        return DenseLayer(node, w.astype(np.float32), None)
+    if node.op_type == "Gemm":
+        if attr(node, "transA", 0):
+            return "Gemm with transA=1 is not supported"
+        w = index.array(node.input[1])
+        if w is None:
+            return "Gemm weight is not a constant initializer"
+        if attr(node, "transB", 0):
+            w = w.T
+        b = index.array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if len(node.input) > 2 and node.input[2] and b is None:
+            return "Gemm bias is not a constant initializer"
+        return DenseLayer(node, np.ascontiguousarray(w), b, float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0)))
+    return f"not a Gemm/MatMul ({node.op_type})"
+
+
+@dataclass
+class _Replacement:
+    nodes: list[onnx.NodeProto]
+    initializers: list[onnx.TensorProto]
+
+
+@dataclass
+class GraphEditor:
+    """Collects edits to a model and applies them in one place, keeping topological order.
+
+    Usage: `ed = GraphEditor(model); ed.replace(node, [new nodes], {name: array}); new = ed.apply()`.
+    A replacement's nodes are inserted where the replaced node stood, so as long as they consume only
+    tensors the old node could see, order stays valid. Initializers no longer used are dropped.
+    """
+
+    model: onnx.ModelProto
+    _replace: dict[int, _Replacement] = field(default_factory=dict)
+    _remove: set[int] = field(default_factory=set)
+    _new_init: list[onnx.TensorProto] = field(default_factory=list)
+    _functions: list[onnx.FunctionProto] = field(default_factory=list)
+    _opsets: dict[str, int] = field(default_factory=dict)
+    _used_names: set[str] | None = None
+
+    def unique_name(self, base: str) -> str:
+        """`base` if no node/tensor has that name yet, else `base_1`, `base_2`, ... (reserved)."""
+        if self._used_names is None:
+            g = self.model.graph
+            self._used_names = {t.name for t in g.initializer} | {v.name for v in g.input} | {
+                v.name for v in g.output
+            }
+            for n in g.node:
+                self._used_names.add(n.name)
+                self._used_names.update(n.input)
+                self._used_names.update(n.output)
+        name, k = base, 0
+        while name in self._used_names:
+            k += 1
+            name = f"{base}_{k}"
+        self._used_names.add(name)
+        return name
+
+    def add_initializer(self, name: str, array: np.ndarray) -> str:
+        """Add a constant (name is made unique) and return its final name."""
+        final = self.unique_name(name)
+        self._new_init.append(numpy_helper.from_array(np.ascontiguousarray(array), final))
+        return final
+
+    def replace(self, node: onnx.NodeProto, new_nodes: Sequence[onnx.NodeProto]) -> None:
+        """Replace `node` (by identity) with `new_nodes`; they must produce the node's outputs."""
+        self._replace[self._position(node)] = _Replacement(list(new_nodes), [])
+
+    def remove(self, node: onnx.NodeProto) -> None:
+        self._remove.add(self._position(node))
+
+    def add_function(self, fn: onnx.FunctionProto, opset_version: int = 1) -> None:
+        """Register a model-local function (custom-domain op with a standard-op body)."""
+        if all((f.domain, f.name) != (fn.domain, fn.name) for f in self._functions):
+            self._functions.append(fn)
+        self._opsets[fn.domain] = opset_version
+
+    def _position(self, node: onnx.NodeProto) -> int:
+        for i, n in enumerate(self.model.graph.node):
+            if n is node:
+                return i
+        raise ValueError(f"node {node.name!r} is not in this model's graph")
+
+    @property
+    def changed(self) -> bool:
+        return bool(self._replace or self._remove or self._new_init or self._functions)
+
+    def apply(self) -> onnx.ModelProto:
+        """A new model with all collected edits; the editor's source model is left untouched."""
+        out = onnx.ModelProto()
+        out.CopyFrom(self.model)
+        g = out.graph
+        new_nodes: list[onnx.NodeProto] = []
+        for i, n in enumerate(self.model.graph.node):
+            if i in self._remove:
+                continue
+            if i in self._replace:
+                new_nodes.extend(self._replace[i].nodes)
+            else:
+                new_nodes.append(n)
+        del g.node[:]
+        g.node.extend(new_nodes)
+        g.initializer.extend(self._new_init)
+        for fn in self._functions:
+            if all((f.domain, f.name) != (fn.domain, fn.name) for f in out.functions):
+                out.functions.append(fn)
+        for domain, version in self._opsets.items():
+            if all(o.domain != domain for o in out.opset_import):
+                out.opset_import.append(helper.make_opsetid(domain, version))
+        remove_unused_initializers(out)
+        # Old shape annotations may be stale for rewritten tensors: keep only graph I/O shapes.
+        del g.value_info[:]
+        return out
+
+
+def used_tensor_names(model: onnx.ModelProto) -> set[str]:
+    """Every tensor name consumed by a node (including subgraphs and functions) or a graph output."""
+    used: set[str] = {o.name for o in model.graph.output}
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for n in graph.node:
+            used.update(i for i in n.input if i)
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    visit(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sg in a.graphs:
+                        visit(sg)
+
+    visit(model.graph)
+    return used
+
+
+def remove_unused_initializers(model: onnx.ModelProto) -> int:
+    """Drop initializers (and their graph-input entries) that nothing reads. Returns the count."""
+    used = used_tensor_names(model)
+    g = model.graph
+    keep = [t for t in g.initializer if t.name in used]
+    dropped = len(g.initializer) - len(keep)
+    if dropped:
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    return dropped
+
+
+def make_node(op: str, inputs: Sequence[str], outputs: Sequence[str], name: str, **attrs) -> onnx.NodeProto:
+    """helper.make_node with a mandatory name (so rewritten layers are findable in Netron)."""
+    return helper.make_node(op, list(inputs), list(outputs), name=name, **attrs)

@@ -1,0 +1,143 @@
+"""Model I/O: load any .onnx (with external data), save atomically, keep outputs loadable by onnxruntime."""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from onnxcomp.errors import BadInputError
+
+# protobuf refuses to serialize a message of 2 GiB or more; stay clear of it.
+_PROTOBUF_LIMIT = 2**31 - 2**24
+
+
+def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Read an ONNX file. Any unreadable input raises BadInputError with a one-line message."""
+    p = Path(path)
+    if not p.exists():
+        raise BadInputError(f"{p}: no such file")
+    if p.is_dir():
+        raise BadInputError(f"{p}: is a directory, expected an .onnx file")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
+        raise BadInputError(f"{p}: not a readable ONNX model ({_first_line(exc)})") from None
+    except Exception as exc:  # protobuf raises assorted types for garbage input
+        raise BadInputError(f"{p}: not a readable ONNX model ({_first_line(exc)})") from None
+    if not model.graph.node and not model.graph.output:
+        raise BadInputError(f"{p}: not an ONNX model (empty or truncated graph)")
+    if load_external_data:
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
+        except Exception as exc:
+            raise BadInputError(f"{p}: cannot read its external data ({_first_line(exc)})") from None
+    return model
+
+
+def as_model(model_or_path: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    """Accept a ModelProto (returned as is) or a path (loaded)."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path
+    return load_model(model_or_path)
+
+
+@functools.lru_cache(maxsize=1)
+def max_runtime_ir_version() -> int:
+    """Highest IR version the installed onnxruntime loads, probed once on a one-node model.
+
+    onnx >= 1.23 stamps IR 14 on new models while some onnxruntime releases stop at 13, so the
+    probe is the only reliable answer.
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    for ir in range(onnx.IR_VERSION, 6, -1):
+        probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        probe.ir_version = ir
+        try:
+            ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+            return ir
+        except Exception:
+            continue
+    return 7
+
+
+def runtime_compatible(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Clamp the model's IR version to what onnxruntime accepts (in place; returns the model)."""
+    limit = max_runtime_ir_version()
+    if model.ir_version > limit or model.ir_version == 0:
+        model.ir_version = limit
+    return model
+
+
+def model_bytes(model: onnx.ModelProto) -> bytes:
+    """Deterministic serialization (used for saving and for byte-identical checks)."""
+    return model.SerializeToString(deterministic=True)
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    protect: tuple[str | os.PathLike, ...] = (),
+    external_data: bool | None = None,
+) -> Path:
+    """Write `model` to `path` atomically (temp file in the same folder, then rename).
+
+    Refuses to overwrite any file in `protect` (the inputs). Uses external data when asked or when
+    the protobuf would pass the 2 GB limit; the data file is named `<file>.data` beside it.
+    """
+    out = Path(path)
+    for p in protect:
+        if out.exists() and Path(p).exists() and out.resolve() == Path(p).resolve():
+            raise BadInputError(f"{out}: refusing to overwrite the input model; choose another output path")
+    if not out.parent.exists():
+        raise BadInputError(f"{out.parent}: output folder does not exist")
+    runtime_compatible(model)
+    if external_data is None:
+        external_data = model.ByteSize() > _PROTOBUF_LIMIT
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
+    os.close(fd)
+    try:
+        if external_data:
+            data_name = out.name + ".data"
+            tmp_data = out.parent / (Path(tmp).name + ".data")
+            work = onnx.ModelProto()
+            work.CopyFrom(model)
+            onnx.external_data_helper.convert_model_to_external_data(
+                work, all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=1024
+            )
+            onnx.save_model(work, tmp)
+            # Point the tensors at the final data-file name, then move both into place.
+            for tensor in onnx.external_data_helper._get_all_tensors(work):
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        entry.value = data_name
+            with open(tmp, "wb") as fh:
+                fh.write(model_bytes(work))
+            os.replace(tmp_data, out.parent / data_name)
+        else:
+            with open(tmp, "wb") as fh:
+                fh.write(model_bytes(model))
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

@@ -1,0 +1,71 @@
+"""Static shapes for analysis: fill symbolic input dims, run onnx shape inference, read every tensor."""
+
+from __future__ import annotations
+
+import onnx
+
+from onnxcomp.errors import BadInputError
+
+
+def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
+    """`["x:1,3,224,224", "mask:1,10"]` -> {"x": [1, 3, 224, 224], ...}; a bare `1,3,224,224` names
+    the first input and is stored under the key "" ."""
+    out: dict[str, list[int]] = {}
+    for spec in specs or []:
+        name, _, dims = spec.rpartition(":")
+        try:
+            out[name] = [int(d) for d in dims.replace("x", ",").split(",") if d.strip()]
+        except ValueError:
+            raise BadInputError(f"--input-shape {spec!r}: expected NAME:D0,D1,... with integer dims") from None
+    return out
+
+
+def resolve_input_shape(model: onnx.ModelProto, name: str, given: dict[str, list[int]], batch: int | None = 1) -> list:
+    """Dims for graph input `name`: the user's shape if given, else the declared dims with a
+    symbolic leading (batch) dim set to `batch`. Unknown dims stay as strings (their symbol)."""
+    inits = {t.name for t in model.graph.initializer}
+    data_inputs = [i for i in model.graph.input if i.name not in inits]
+    if name in given:
+        return list(given[name])
+    if "" in given and data_inputs and data_inputs[0].name == name:
+        return list(given[""])
+    vi = next(i for i in data_inputs if i.name == name)
+    dims: list = []
+    for k, d in enumerate(vi.type.tensor_type.shape.dim):
+        if d.HasField("dim_value") and d.dim_value > 0:
+            dims.append(d.dim_value)
+        elif k == 0 and batch is not None:
+            dims.append(batch)
+        else:
+            dims.append(d.dim_param or "?")
+    return dims
+
+
+def static_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> dict[str, tuple]:
+    """Shape of every tensor onnx can infer once the inputs are concrete (unknown dims are None)."""
+    given = input_shapes or {}
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    del work.graph.value_info[:]
+    inits = {t.name for t in work.graph.initializer}
+    for vi in work.graph.input:
+        if vi.name in inits or not vi.type.HasField("tensor_type"):
+            continue
+        dims = resolve_input_shape(model, vi.name, given)
+        shape = vi.type.tensor_type.shape
+        for d, value in zip(shape.dim, dims, strict=False):
+            if isinstance(value, int):
+                d.Clear()
+                d.dim_value = value
+    try:
+        inferred = onnx.shape_inference.infer_shapes(work, strict_mode=False, data_prop=True)
+    except Exception:
+        inferred = work
+    out: dict[str, tuple] = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        tt = vi.type.tensor_type
+        if tt.HasField("shape"):
+            out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
+    for t in inferred.graph.initializer:
+        out[t.name] = tuple(t.dims)
+    return out
