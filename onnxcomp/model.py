@@ -29,8 +29,9 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
         raise BadInputError(f"{p}: not a readable ONNX model ({_first_line(exc)})") from None
     except Exception as exc:  # protobuf raises assorted types for garbage input
         raise BadInputError(f"{p}: not a readable ONNX model ({_first_line(exc)})") from None
-    if not model.graph.node and not model.graph.output:
-        raise BadInputError(f"{p}: not an ONNX model (empty or truncated graph)")
+    if not model.HasField("graph") or not model.opset_import or (not model.graph.node and not model.graph.output):
+        # A file cut at a field boundary still parses: require the parts every model has.
+        raise BadInputError(f"{p}: not an ONNX model (empty or truncated: no graph or no opset)")
     if load_external_data:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
@@ -100,19 +101,30 @@ def save_model(
     """
     out = Path(path)
     for p in protect:
-        if out.exists() and Path(p).exists() and out.resolve() == Path(p).resolve():
+        if _same_file(out, Path(p)):
             raise BadInputError(f"{out}: refusing to overwrite the input model; choose another output path")
+    if out.is_dir():
+        raise BadInputError(f"{out}: is a directory, expected an output file path")
     if not out.parent.exists():
         raise BadInputError(f"{out.parent}: output folder does not exist")
     runtime_compatible(model)
+    # ByteSize() serializes the whole message under upb (seconds and a full copy for a 550 MB
+    # model), so decide from the tensor payloads; a model still too big fails to serialize below.
+    too_big = _payload_bytes(model) > _PROTOBUF_LIMIT
     if external_data is None:
-        external_data = model.ByteSize() > _PROTOBUF_LIMIT
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
+        external_data = too_big
+    elif too_big and not external_data:
+        raise BadInputError(f"{out}: the model is over 2 GB; it can only be saved with external data")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
+    except OSError as exc:
+        raise BadInputError(f"{out}: cannot write here ({exc.strerror or _first_line(exc)})") from None
     os.close(fd)
+    os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; give the file the usual permissions
+    tmp_data = out.parent / (Path(tmp).name + ".data")
     try:
         if external_data:
             data_name = out.name + ".data"
-            tmp_data = out.parent / (Path(tmp).name + ".data")
             work = onnx.ModelProto()
             work.CopyFrom(model)
             onnx.external_data_helper.convert_model_to_external_data(
@@ -131,11 +143,46 @@ def save_model(
             with open(tmp, "wb") as fh:
                 fh.write(model_bytes(model))
         os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException as exc:
+        for leftover in (tmp, tmp_data):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+        if isinstance(exc, OSError):  # disk full, permissions, ...: the user's environment, not a bug
+            raise BadInputError(f"{out}: cannot write ({exc.strerror or _first_line(exc)})") from None
         raise
     return out
+
+
+def _payload_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers stored inside the protobuf (dims x item size; no serialization)."""
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        n = 1
+        for d in t.dims:
+            n *= int(d)
+        try:
+            item = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except Exception:
+            item = 8
+        total += n * item
+    return total
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """True when both paths exist and name the same file (symlinks and hard links included)."""
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _default_file_mode() -> int:
+    """0o666 minus the process umask: the mode a plain open() would give a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _first_line(exc: BaseException) -> str:

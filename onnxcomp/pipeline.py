@@ -46,7 +46,7 @@ def parse_pipeline_string(text: str) -> list[tuple[str, dict[str, str]]]:
             raise _syntax_error(text, i, f"expected a pass name, found {text[i:i + 10]!r}")
         name, i = m.group(0), m.end()
         try:
-            get_pass(name)
+            cls = get_pass(name)
         except PipelineSyntaxError as exc:
             raise _syntax_error(text, m.start(), str(exc)) from None
         opts: dict[str, str] = {}
@@ -61,6 +61,7 @@ def parse_pipeline_string(text: str) -> list[tuple[str, dict[str, str]]]:
                 if i >= n or text[i] != "=":
                     raise _syntax_error(text, i, f"expected '=' after option '{key}'")
                 i = skip_ws(i + 1)
+                value_start = i
                 if i < n and text[i] in "'\"":
                     quote = text[i]
                     end = text.find(quote, i + 1)
@@ -76,6 +77,14 @@ def parse_pipeline_string(text: str) -> list[tuple[str, dict[str, str]]]:
                         raise _syntax_error(text, start, f"option '{key}' has no value")
                 if key in opts:
                     raise _syntax_error(text, km.start(), f"option '{key}' given twice")
+                if key not in {f.name for f in cls.Config.fields()}:
+                    at = km.start()
+                else:
+                    at = value_start
+                try:  # check the option here, where its column is known
+                    cls.Config.coerce_option(key, value, name)
+                except PipelineSyntaxError as exc:
+                    raise _syntax_error(text, at, str(exc)) from None
                 opts[key] = value
                 i = skip_ws(i)
                 if i < n and text[i] == ",":
@@ -255,6 +264,7 @@ class Pipeline:
         report.before = analysis.summary(model, ctx.input_shapes)
         original = model
         current = model
+        rewritten: list = []  # every pass's rewritten LayerRecords, for the final check's worst layer
         for p in self.passes:
             t0 = time.perf_counter()
             if p.needs_data and ctx.data is None:
@@ -265,7 +275,7 @@ class Pipeline:
             if validate_each and p.name != "normalize" and result.modified:
                 check = validation.compare(current, result.model, ctx, tolerance, layers=result.layers)
                 while not check.passed and on_fail == "rollback" and len(rolled_back) < max_rollbacks:
-                    worst = check.worst_layer
+                    worst = culprit_layer(check, current)
                     if worst is None:
                         break
                     rolled_back.append(worst)
@@ -276,18 +286,25 @@ class Pipeline:
                 if not check.passed:
                     report.passes.append(self._pass_report(p, result, t0, prev_report, rolled_back))
                     report.seconds = time.perf_counter() - t_start
-                    where = f"; worst layer {check.worst_layer}" if check.worst_layer else ""
+                    culprit = culprit_layer(check, current)
+                    where = f"; worst layer {culprit}" if culprit else ""
                     raise ValidationFailed(f"pass '{p.name}' broke the tolerance ({check.describe()}){where}", report)
             report.passes.append(self._pass_report(p, result, t0, prev_report, rolled_back))
+            rewritten.extend(r for r in result.layers if r.action == REWRITTEN and r.output)
             current = result.model
-        current.metadata_props.add(key="onnxcomp.pipeline", value=str(self))
+        if current is original:  # no pass made a new model: never stamp the caller's
+            current = onnx.ModelProto()
+            current.CopyFrom(original)
+        _set_metadata(current, "onnxcomp.pipeline", str(self))
         if validate:
-            check = validation.compare(original, current, ctx, tolerance)
+            check = validation.compare(original, current, ctx, tolerance, layers=rewritten or None)
             report.validation = check.as_dict()
             report.after = analysis.summary(current, ctx.input_shapes)
             report.seconds = time.perf_counter() - t_start
             if not check.passed:
-                raise ValidationFailed(f"final model broke the tolerance ({check.describe()})", report, current)
+                culprit = culprit_layer(check, original)
+                where = f"; worst layer {culprit}" if culprit else ""
+                raise ValidationFailed(f"final model broke the tolerance ({check.describe()}){where}", report, current)
         report.after = analysis.summary(current, ctx.input_shapes)
         report.seconds = time.perf_counter() - t_start
         return current, report
@@ -303,6 +320,49 @@ class Pipeline:
             validation=validation_dict,
             rolled_back=list(rolled_back),
         )
+
+
+def culprit_layer(check: Any, ref: onnx.ModelProto, share: float = 0.5) -> str | None:
+    """The rewritten layer most likely to have caused a failed check.
+
+    A layer's measured error includes the error of every rewritten layer upstream of it, so the
+    layer with the largest error is often an innocent one downstream of the culprit. Start from
+    the largest error and move the blame upstream while a rewritten ancestor (in `ref`, the pass's
+    input) has at least `share` of the current layer's error. Falls back to `check.worst_layer`.
+    """
+    errs = {lc.output: lc for lc in getattr(check, "layers", []) if lc.rel_err == lc.rel_err}
+    if not errs:
+        return getattr(check, "worst_layer", None)
+    producer = {o: n for n in ref.graph.node for o in n.output if o}
+
+    def upstream(tensor: str) -> set[str]:
+        seen: set[str] = set()
+        stack = list(producer[tensor].input) if tensor in producer else []
+        while stack:
+            t = stack.pop()
+            if t in seen or not t:
+                continue
+            seen.add(t)
+            if t in producer:
+                stack.extend(producer[t].input)
+        return seen
+
+    current = max(errs.values(), key=lambda lc: (lc.rel_err, lc.max_abs_err))
+    while True:
+        ups = [errs[t] for t in upstream(current.output) if t in errs]
+        blamed = [u for u in ups if u.rel_err >= share * current.rel_err]
+        if not blamed:
+            return current.node
+        current = max(blamed, key=lambda lc: (lc.rel_err, lc.max_abs_err))
+
+
+def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    """Set `key` in metadata_props, replacing earlier entries (onnx.checker rejects duplicate keys)."""
+    keep = [(e.key, e.value) for e in model.metadata_props if e.key != key]
+    del model.metadata_props[:]
+    for k, v in keep:
+        model.metadata_props.add(key=k, value=v)
+    model.metadata_props.add(key=key, value=value)
 
 
 def _with_excluded(p: Pass, names: list[str]) -> Pass:

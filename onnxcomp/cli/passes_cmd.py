@@ -15,16 +15,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def describe_passes() -> list[dict]:
-    from onnxcomp.passes.base import PassConfig, registered_passes
+    """Every registered pass: name, summary, default op types, needs_data, and its options (name,
+    type, default, help, choices, common = shared by every pass). Plain JSON types only."""
+    import typing
+
+    from onnxcomp.passes.base import PassConfig, _jsonable, registered_passes
 
     common = {f.name for f in dataclasses.fields(PassConfig)}
     out = []
     for name, cls in registered_passes().items():
         opts = []
+        hints = typing.get_type_hints(cls.Config)
         for f in dataclasses.fields(cls.Config):
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = None
             opts.append({
                 "name": f.name,
-                "default": f.default,
+                "type": _type_name(hints.get(f.name)),
+                "default": _jsonable(default),
                 "help": f.metadata.get("help", ""),
                 "choices": list(f.metadata.get("choices", ())),
                 "common": f.name in common,
@@ -32,6 +44,14 @@ def describe_passes() -> list[dict]:
         out.append({"name": name, "summary": cls.summary, "ops": list(cls.default_ops),
                     "needs_data": cls.needs_data, "options": opts})
     return out
+
+
+def _type_name(t) -> str:
+    if t is None:
+        return "?"
+    if isinstance(t, type):
+        return t.__name__
+    return str(t).replace("typing.", "")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             if o["common"]:
                 continue
             choices = f" ({'|'.join(o['choices'])})" if o["choices"] else ""
-            print(f"  {o['name']}={o['default']!s}{choices}  {o['help']}")
+            print(f"  {o['name']}={o['default']!s} ({o['type']}){choices}  {o['help']}")
         print()
     print("every pass also takes include=REGEX, exclude=REGEX and ops=A|B to choose layers")
     return 0

@@ -59,22 +59,24 @@ class PassConfig:
         return list(dataclasses.fields(cls))
 
     @classmethod
+    def coerce_option(cls, key: str, raw: Any, pass_name: str = "") -> Any:
+        """One option's value, typed and checked against its choices. PipelineSyntaxError naming the
+        option (with the closest known name) when `key` is unknown, or the value when it is unusable."""
+        known = {f.name: f for f in cls.fields()}
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; options are: {', '.join(known)}"
+            raise PipelineSyntaxError(f"pass '{pass_name}' has no option '{key}'{hint}")
+        value = _coerce(raw, typing.get_type_hints(cls)[key], f"{pass_name}.{key}")
+        choices = known[key].metadata.get("choices")
+        if choices and str(value) not in choices:
+            raise PipelineSyntaxError(f"{pass_name}.{key}={raw!s}: must be one of {', '.join(choices)}")
+        return value
+
+    @classmethod
     def from_options(cls, options: dict[str, Any], pass_name: str = "") -> PassConfig:
         """Build from raw values (strings from a pipeline string, or typed values from a recipe)."""
-        known = {f.name: f for f in cls.fields()}
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for key, raw in options.items():
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else f"; options are: {', '.join(known)}"
-                raise PipelineSyntaxError(f"pass '{pass_name}' has no option '{key}'{hint}")
-            kwargs[key] = _coerce(raw, hints[key], f"{pass_name}.{key}")
-            choices = known[key].metadata.get("choices")
-            if choices and str(kwargs[key]) not in choices:
-                raise PipelineSyntaxError(
-                    f"{pass_name}.{key}={raw!s}: must be one of {', '.join(choices)}"
-                )
+        kwargs = {key: cls.coerce_option(key, raw, pass_name) for key, raw in options.items()}
         cfg = cls(**kwargs)
         try:
             cfg.validate()
@@ -198,7 +200,8 @@ class Pass:
         self.config = config if config is not None else self.Config.from_options(options, self.name)
 
     def __repr__(self) -> str:
-        opts = ",".join(f"{k}={v}" for k, v in self.config.non_defaults().items())
+        """The pass in pipeline-string syntax; `Pipeline.parse(repr(p))` configures the same pass."""
+        opts = ",".join(f"{k}={_format_value(v)}" for k, v in self.config.non_defaults().items())
         return f"{self.name}{{{opts}}}" if opts else self.name
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:  # pragma: no cover - abstract
@@ -252,15 +255,26 @@ def load_builtin_passes() -> None:
             importlib.import_module(f"onnxcomp.passes.{mod.name}")
 
 
+def _format_value(v: Any) -> str:
+    """A value as the pipeline-string parser reads it back: quoted when it holds `,{}=` quotes,
+    spaces at its ends, or is empty."""
+    text = str(v)
+    if text and not any(c in text for c in ",{}='\"") and text == text.strip():
+        return text
+    quote = "'" if '"' in text else '"'
+    return f"{quote}{text}{quote}"
+
+
 def _jsonable(obj: Any) -> Any:
+    """Plain JSON types only: numpy scalars/arrays become Python ones, NaN/inf become strings."""
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, np.generic):
-        return obj.item()
+        return _jsonable(obj.item())
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
+        return _jsonable(obj.tolist())
     if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
         return str(obj)
     return obj

@@ -1,0 +1,166 @@
+"""`int8`: onnxruntime's static int8 quantization (QDQ), calibrated on the user's data.
+
+This is the baseline a deployment engineer would reach for first, so it is offered as a pass that
+composes with the others (e.g. `tucker,int8`). onnxruntime does the real work (`quantize_static`);
+this module only adapts it: a calibration reader over our DataSource, node names for selection,
+an opset bump where per-channel QDQ needs opset 13, and a per-layer report.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxcomp.analysis import layer_costs
+from onnxcomp.graph import GraphIndex, node_label, opset_version
+from onnxcomp.passes.base import (
+    REWRITTEN,
+    SKIPPED,
+    Context,
+    LayerRecord,
+    Pass,
+    PassConfig,
+    PassResult,
+    option,
+)
+
+_QUANTIZABLE = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass
+class Int8Config(PassConfig):
+    per_channel: bool = option(True, "one scale per output channel for weights (needs opset >= 13; bumped if lower)")
+    calibrate: str = option("minmax", "activation range estimator", choices=("minmax", "entropy", "percentile"))
+    samples: int = option(64, "calibration samples taken from --data")
+    activations: str = option("uint8", "activation type (uint8 is what x86 int8 kernels prefer)", choices=("uint8", "int8"))
+
+    def validate(self) -> None:
+        super().validate()
+        if self.samples < 1:
+            raise ValueError("samples must be >= 1")
+
+
+class Int8Pass(Pass):
+    name = "int8"
+    summary = "onnxruntime static int8 quantization (QDQ, per-channel weights), calibrated on --data"
+    Config = Int8Config
+    default_ops = _QUANTIZABLE
+    needs_data = True
+
+    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        cfg: Int8Config = self.config
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        _name_unnamed_nodes(work)
+        figures: dict = {}
+        if cfg.per_channel and opset_version(work) < 13:
+            try:
+                work = onnx.version_converter.convert_version(work, 13)
+                figures["opset_bumped_to"] = 13
+            except Exception as exc:  # the converter lacks adapters for some old ops
+                figures["per_channel_disabled"] = f"opset {opset_version(work)} model could not be converted to 13 ({exc})"
+        per_channel = cfg.per_channel and opset_version(work) >= 13
+
+        layers: list[LayerRecord] = []
+        selected: list[str] = []
+        excluded: list[str] = []
+        index = GraphIndex(work)
+        for node in self.candidates(work):
+            reason = self.selection_reason(node)
+            if reason is None and not any(index.is_constant(i) for i in node.input[:2]):
+                reason = "no constant weight operand"
+            (excluded if reason else selected).append(node.name)
+            if reason:
+                layers.append(LayerRecord(node_label(node), node.op_type, SKIPPED, reason, output=node.output[0]))
+        if not selected:
+            return PassResult(model, layers, figures)
+
+        reader = _CalibrationReader(ctx, cfg.samples)
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile}[cfg.calibrate]
+        with tempfile.TemporaryDirectory(prefix="onnxcomp-int8-") as tmp:
+            src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+            big = work.ByteSize() > 2**31 - 2**24
+            onnx.save_model(work, str(src), save_as_external_data=big)
+            quantize_static(
+                str(src), str(dst), reader,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(self.op_types()),
+                per_channel=per_channel,
+                activation_type=QuantType.QUInt8 if cfg.activations == "uint8" else QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=excluded,
+                use_external_data_format=big,
+                calibrate_method=method,
+                extra_options={"CalibTensorRangeSymmetric": False},
+            )
+            out = onnx.load(str(dst))
+        figures.update({"calibration_samples": reader.count, "per_channel": per_channel})
+
+        costs = {c.node: c for c in layer_costs(model, ctx.input_shapes)}
+        qindex = GraphIndex(out)
+        for node in out.graph.node:
+            if node.name not in selected:
+                continue
+            w_producer = qindex.producer.get(node.input[1]) if len(node.input) > 1 else None
+            quantized = w_producer is not None and w_producer.op_type == "DequantizeLinear"
+            cost = costs.get(node.name)
+            params = cost.params if cost else None
+            macs = cost.macs if cost else None
+            if quantized:
+                layers.append(LayerRecord(node.name, node.op_type, REWRITTEN, "", params, params, macs, macs,
+                                          output=node.output[0], figures={"weight_bits": 8, "activation_bits": 8}))
+            else:
+                layers.append(LayerRecord(node.name, node.op_type, SKIPPED, "onnxruntime left it in float",
+                                          params, params, macs, macs, output=node.output[0]))
+        return PassResult(out, layers, figures)
+
+
+class _CalibrationReader:
+    """onnxruntime's CalibrationDataReader protocol over a DataSource, one sample at a time so
+    models with a fixed batch of 1 calibrate too."""
+
+    def __init__(self, ctx: Context, limit: int):
+        self._iter = self._samples(ctx, limit)
+        self.count = 0
+
+    @staticmethod
+    def _samples(ctx: Context, limit: int) -> Iterator[dict[str, np.ndarray]]:
+        produced = 0
+        for feeds, _labels in ctx.data.batches():
+            n = len(next(iter(feeds.values())))
+            for i in range(n):
+                if produced >= limit:
+                    return
+                produced += 1
+                yield {k: v[i : i + 1] for k, v in feeds.items()}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        item = next(self._iter, None)
+        if item is not None:
+            self.count += 1
+        return item
+
+    def rewind(self) -> None:  # part of the protocol; a single pass is all quantize_static needs
+        pass
+
+
+def _name_unnamed_nodes(model: onnx.ModelProto) -> None:
+    """Give every unnamed node a stable name (quantize_static selects and excludes by name)."""
+    taken = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            base = f"{node.op_type}_{i}"
+            name, k = base, 0
+            while name in taken:
+                k += 1
+                name = f"{base}_{k}"
+            node.name = name
+            taken.add(name)

@@ -1,0 +1,56 @@
+"""The int8 pass: onnxruntime static quantization wrapped as a pass, calibrated on a DataSource."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxcomp.data import random_source
+from onnxcomp.errors import BadInputError
+from onnxcomp.passes.base import REWRITTEN, SKIPPED, Context
+from onnxcomp.pipeline import Pipeline
+from tests._tiny_models import tiny_cnn
+
+
+def _ctx(model: onnx.ModelProto) -> Context:
+    return Context(data=random_source(model, {"x": [1, 3, 16, 16]}, samples=16, batch_size=4, seed=1))
+
+
+def _run(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+def test_int8_quantizes_every_weight_layer_and_stays_close():
+    model = tiny_cnn(seed=3)
+    out, report = Pipeline.parse("int8{samples=16}").run(model, _ctx(model))
+    records = report.passes[-1].layers
+    assert {r["node"] for r in records if r["action"] == REWRITTEN} == {"conv1", "conv2", "fc"}
+    ops = [n.op_type for n in out.graph.node]
+    assert ops.count("DequantizeLinear") >= 3 and "QuantizeLinear" in ops
+    # int8 weights: the serialized model shrinks (biases and scales stay float).
+    weights_before = sum(t.ByteSize() for t in model.graph.initializer)
+    weights_after = sum(t.ByteSize() for t in out.graph.initializer)
+    assert weights_after < 0.5 * weights_before
+    x = np.random.default_rng(7).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    ref, got = _run(model, {"x": x}), _run(out, {"x": x})
+    cos = float((ref * got).sum() / (np.linalg.norm(ref) * np.linalg.norm(got)))
+    assert cos > 0.99
+
+
+def test_int8_exclude_keeps_layer_float():
+    model = tiny_cnn(seed=3)
+    out, report = Pipeline.parse("int8{exclude=fc,samples=8}").run(model, _ctx(model))
+    by_node = {r["node"]: r for r in report.passes[-1].layers}
+    assert by_node["fc"]["action"] == SKIPPED and "exclude" in by_node["fc"]["reason"]
+    fc = next(n for n in out.graph.node if n.name == "fc")
+    producers = {o: n.op_type for n in out.graph.node for o in n.output}
+    assert producers.get(fc.input[1]) != "DequantizeLinear"
+
+
+def test_int8_needs_data():
+    with pytest.raises(BadInputError, match="needs calibration data"):
+        Pipeline.parse("int8").run(tiny_cnn(), Context())
