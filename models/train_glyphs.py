@@ -102,8 +102,9 @@ MBV2_CONFIG = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 3, 2), (6, 9
 
 
 class GlyphMobileNetV2(nn.Module):
-    """MobileNetV2-style: stem 3x3 conv (32 @ 32x32), inverted residuals per MBV2_CONFIG (32x32 ->
-    16 -> 8 -> 4), 1x1 head conv to 384, global pool, linear. ReLU6 throughout."""
+    """MobileNetV2-style: stem 3x3 conv (32 @ 32x32); inverted residuals (t = expansion, c = out
+    channels, n = blocks, s = first stride) t1-c16-n1-s1, t6-c24-n2-s2, t6-c32-n3-s2, t6-c64-n3-s2,
+    t6-c96-n1-s1 (maps 32x32 -> 16 -> 8 -> 4); 1x1 head conv to 384; global pool, linear. ReLU6."""
 
     def __init__(self, num_classes: int = 62, head: int = 384):
         super().__init__()
@@ -204,6 +205,16 @@ def export(net: nn.Module, out: Path) -> None:
         raise SystemExit(f"export folded BatchNorm: {n_bn} BatchNormalization nodes, {n_bn_torch} in torch")
 
 
+def _confusions(logits: np.ndarray, y: np.ndarray, top: int = 8) -> list[tuple[str, str, int]]:
+    """Most frequent (true glyph, predicted glyph, count) errors."""
+    pred = logits.argmax(1)
+    pairs: dict[tuple[int, int], int] = {}
+    for t, p in zip(y[pred != y].tolist(), pred[pred != y].tolist(), strict=True):
+        pairs[(t, p)] = pairs.get((t, p), 0) + 1
+    ranked = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    return [(evaldata.GLYPH_CLASSES[t], evaldata.GLYPH_CLASSES[p], c) for (t, p), c in ranked]
+
+
 def evaluate(net: nn.Module, out: Path) -> dict:
     import onnx
 
@@ -222,7 +233,8 @@ def evaluate(net: nn.Module, out: Path) -> dict:
         k = TEST_SUBSET[task]
         figures[task] = {"n": len(y), "accuracy": round(acc_o, 2),
                          "subset_n": k, "subset_accuracy": round(evaldata.accuracy(lo[:k], y[:k]), 2),
-                         "max_abs_logit_diff": float(np.abs(lt - lo).max())}
+                         "max_abs_logit_diff": float(np.abs(lt - lo).max()),
+                         "confusions": _confusions(lo, y)}
         x, y = evaldata.glyph_dataset("calib", task, 32)
         figures[task]["calib_n"] = len(y)
         figures[task]["calib_accuracy"] = round(evaldata.accuracy(predict_onnx(out, x), y), 2)
@@ -252,6 +264,7 @@ def write_card(args, out: Path, result: dict, fig: dict) -> Path:
             "test_digits_subset_n": d["subset_n"], "test_digits_subset_accuracy": d["subset_accuracy"],
             "params": fig["params"], "macs": fig["macs"], "bytes": fig["bytes"], "opset": fig["opset"]}
     ops = ", ".join(f"{k} {v}" for k, v in fig["nodes"].items())
+    conf = ", ".join(f"{t} -> {p}: {c}" for t, p, c in a["confusions"]) or "none"
     text = f"""# {name}
 
 {arch_doc}
@@ -265,6 +278,11 @@ def write_card(args, out: Path, result: dict, fig: dict) -> Path:
 | MACs | {fig['macs']:,} per image (onnxcomp.analysis, Conv + Gemm) |
 | graph | {ops} |
 | BatchNorm | kept as BatchNormalization nodes (not folded): onnxcomp's `normalize` pass folds them |
+
+The file is the plain `torch.onnx.export` (TorchScript exporter, `dynamo=False`,
+`training=TrainingMode.PRESERVE` on the eval-mode module so that BatchNorm is not folded). Identity
+nodes, if any, are the exporter's de-duplication of initializers with equal values (e.g. the biases
+of the two BatchNorms summed in a residual block, which receive identical updates in training).
 
 ## Data
 
@@ -299,15 +317,16 @@ trimming calibrates on `calib/digits` and is judged on `test/digits`.
 | calib, digits | {d['calib_n']} | {d['calib_accuracy']:.2f}% |
 
 PyTorch and onnxruntime give the same accuracy on both test splits (largest logit difference
-{max(a['max_abs_logit_diff'], d['max_abs_logit_diff']):.1e}).
+{max(a['max_abs_logit_diff'], d['max_abs_logit_diff']):.1e}). Most frequent errors on the full test
+split (true -> predicted: count): {conf}.
 
 ## Training recipe
 
 SGD (momentum 0.9, Nesterov), weight decay {args.wd}, one-cycle learning rate peaking at {args.lr}
 (25% warm-up), batch {args.batch_size}, {args.epochs} epochs over {args.n_train} images
 ({result['steps']} steps), plain cross-entropy, no augmentation beyond the rendered one. CPU, one
-thread (`torch.set_num_threads(1)`): {result['train_seconds']:.0f} s of training after
-{result['data_seconds']:.0f} s of data generation. torch {torch.__version__}, Python
+thread (`torch.set_num_threads(1)`, on a 2-core machine shared with other jobs):
+{result['train_seconds']:.0f} s of training after {result['data_seconds']:.0f} s of data generation. torch {torch.__version__}, Python
 {platform.python_version()}, seeds: torch {args.seed}, data {args.data_seed}.
 
 Reproduce (from the repository root, with the `train` and `eval` extras installed):

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxcomp.errors import BadInputError
+from onnxcomp.model import default_file_mode
 
 GLYPH_CLASSES = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 NUM_GLYPH_CLASSES = len(GLYPH_CLASSES)
@@ -551,6 +552,7 @@ def save_npz(path: str | os.PathLike, x: np.ndarray, y: np.ndarray | None, input
         arrays["labels"] = np.ascontiguousarray(y)
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent or ".")
+    os.chmod(tmp, default_file_mode())  # mkstemp makes 0600
     try:
         with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as zf:
             for key, arr in arrays.items():

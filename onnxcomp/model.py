@@ -120,7 +120,7 @@ def save_model(
     except OSError as exc:
         raise BadInputError(f"{out}: cannot write here ({exc.strerror or _first_line(exc)})") from None
     os.close(fd)
-    os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; give the file the usual permissions
+    os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; give the file the usual permissions
     tmp_data = out.parent / (Path(tmp).name + ".data")
     try:
         if external_data:
@@ -178,7 +178,7 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _default_file_mode() -> int:
+def default_file_mode() -> int:
     """0o666 minus the process umask: the mode a plain open() would give a new file."""
     mask = os.umask(0)
     os.umask(mask)

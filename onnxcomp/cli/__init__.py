@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxcomp: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `onnxcomp passes --json | head`: the reader left; end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except MemoryError:
         print("onnxcomp: internal error: out of memory", file=sys.stderr)
         return EXIT_INTERNAL
