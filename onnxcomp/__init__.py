@@ -6,9 +6,12 @@ Python entry point: `onnxcomp.optimize(model_or_path, pipeline, data=None, seed=
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
+
+if TYPE_CHECKING:
+    from onnxcomp.pipeline import Report
 
 __version__ = "0.1.0"
 
@@ -24,7 +27,7 @@ def optimize(
     input_shapes: dict[str, list[int]] | None = None,
     normalize: bool = True,
     **run_options: Any,
-):
+) -> tuple[onnx.ModelProto, Report]:
     """Run a pipeline (string, recipe name/path, list of passes or Pipeline) on a model.
 
     `data` is anything `onnxcomp.data.open_source` accepts (an .npz path, a folder, a dict of arrays,

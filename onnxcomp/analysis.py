@@ -27,7 +27,7 @@ from onnx import helper
 
 from onnxcomp import costs
 from onnxcomp.graph import GraphIndex, attr, node_label
-from onnxcomp.shapes import static_shapes
+from onnxcomp.shapes import check_input_shapes, static_shapes
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -125,6 +125,7 @@ class CostContext:
     """What a cost function may read: the model, its GraphIndex, inferred shapes, constant subgraphs."""
 
     def __init__(self, model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None):
+        check_input_shapes(model, input_shapes)
         self.model = model
         self.index = GraphIndex(model)
         self.input_shapes = input_shapes or {}

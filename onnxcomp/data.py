@@ -52,7 +52,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 import onnx
 
-from onnxcomp.errors import BadInputError
+from onnxcomp.errors import BadInputError, first_line
 
 Batch = tuple[dict[str, np.ndarray], "np.ndarray | None"]
 
@@ -215,7 +215,7 @@ def _read_npy_header(fh, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
         else:
             shape, fortran, dtype = fmt.read_array_header_2_0(fh)
     except Exception as exc:
-        raise BadInputError(f"{where}: not a readable .npy array ({_first_line(exc)})") from None
+        raise BadInputError(f"{where}: not a readable .npy array ({first_line(exc)})") from None
     if dtype.hasobject:
         raise BadInputError(f"{where}: object arrays are not supported (save numeric arrays)")
     return tuple(int(d) for d in shape), bool(fortran), dtype
@@ -450,7 +450,7 @@ def _npz_source(path: Path, inputs, batch_size: int, limit: int | None) -> Array
         with zipfile.ZipFile(path) as zf:
             members = [m for m in zf.namelist() if m.endswith(".npy")]
     except (zipfile.BadZipFile, OSError) as exc:
-        raise BadInputError(f"{path}: not a readable .npz file ({_first_line(exc)})") from None
+        raise BadInputError(f"{path}: not a readable .npz file ({first_line(exc)})") from None
     columns: dict[str, _Column] = {}
     labels = None
     for m in members:
@@ -471,7 +471,7 @@ def _load_npy(path: Path) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as exc:
-        raise BadInputError(f"{path}: not a readable .npy array ({_first_line(exc)})") from None
+        raise BadInputError(f"{path}: not a readable .npy array ({first_line(exc)})") from None
     return arr
 
 
@@ -503,7 +503,8 @@ def _npy_dir_source(path: Path, inputs, batch_size: int, limit: int | None) -> D
 class SampleFileSource(DataSource):
     """A folder of per-sample (or per-chunk) .npy / .npz files, in sorted name order."""
 
-    def __init__(self, folder: Path, files: list[Path], *, inputs, batch_size: int, limit: int | None):
+    def __init__(self, folder: Path, files: list[Path], *, inputs: list[InputSpec] | None, batch_size: int,
+                 limit: int | None):
         self.description = str(folder)
         self.files = [f for f in files if f.name != "labels.npy"]
         if not self.files:
@@ -594,7 +595,7 @@ def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                         shape, _, dtype = _read_npy_header(fh, f"{path}:{m}")
                     out[m[:-4]] = (shape, dtype)
     except (zipfile.BadZipFile, OSError) as exc:
-        raise BadInputError(f"{path}: not a readable .npz file ({_first_line(exc)})") from None
+        raise BadInputError(f"{path}: not a readable .npz file ({first_line(exc)})") from None
     return out
 
 
@@ -781,7 +782,7 @@ def _read_sidecar(folder: Path) -> dict[str, str]:
 
                     doc = yaml.safe_load(p.read_text())
             except Exception as exc:
-                raise BadInputError(f"{p}: cannot parse ({_first_line(exc)})") from None
+                raise BadInputError(f"{p}: cannot parse ({first_line(exc)})") from None
             if not isinstance(doc, dict):
                 raise BadInputError(f"{p}: expected a mapping of preprocessing options")
             return {
@@ -806,7 +807,8 @@ def _list_images(folder: Path) -> list[tuple[Path, str | None]]:
 class ImageFolderSource(DataSource):
     """Images decoded and preprocessed a batch at a time (resize, center crop, scale, mean/std)."""
 
-    def __init__(self, folder: Path, spec: ImageSpec, *, inputs: list[InputSpec] | None, input_shapes,
+    def __init__(self, folder: Path, spec: ImageSpec, *, inputs: list[InputSpec] | None,
+                 input_shapes: dict[str, list[int]] | None,
                  batch_size: int, limit: int | None):
         self.description = f"images:{folder}"
         self.folder, self.spec = folder, spec
@@ -930,7 +932,7 @@ class ImageFolderSource(DataSource):
                     im = im.crop((left, top, left + cw, top + ch))
                 arr = np.asarray(im, dtype=np.uint8)
         except OSError as exc:
-            raise BadInputError(f"{path}: cannot decode image ({_first_line(exc)})") from None
+            raise BadInputError(f"{path}: cannot decode image ({first_line(exc)})") from None
         if arr.ndim == 2:
             arr = arr[:, :, None]
         if self.spec.bgr and self.channels == 3:
@@ -1049,8 +1051,3 @@ def _query(query: str, where: str) -> dict[str, str]:
     except ValueError:
         raise BadInputError(f"{where}: cannot parse options '{query}' (expected key=value&key=value)") from None
     return dict(pairs)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

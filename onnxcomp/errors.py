@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 EXIT_OK = 0
 EXIT_VALIDATION_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (at most `limit` characters), or its type name."""
+    text = str(exc).strip().splitlines()
+    return text[0][:limit] if text else type(exc).__name__
 
 
 class OnnxcompError(Exception):
@@ -33,7 +41,7 @@ class ValidationFailed(OnnxcompError):
 
     exit_code = EXIT_VALIDATION_FAILED
 
-    def __init__(self, message: str, report=None, model=None):
+    def __init__(self, message: str, report: Any = None, model: Any = None):
         super().__init__(message)
         self.report = report
         self.model = model

@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 
-def attr(node: onnx.NodeProto, name: str, default=None):
+def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     """Value of a node attribute (python types), or `default` when absent."""
     for a in node.attribute:
         if a.name == name:
@@ -24,6 +25,7 @@ def attr(node: onnx.NodeProto, name: str, default=None):
 
 
 def opset_version(model: onnx.ModelProto, domain: str = "") -> int:
+    """The model's opset version for `domain` ("" and "ai.onnx" are the same), 0 if not imported."""
     for imp in model.opset_import:
         if imp.domain in (domain, "ai.onnx" if domain == "" else domain):
             return imp.version
@@ -303,7 +305,8 @@ class GraphEditor:
 
 
 def used_tensor_names(model: onnx.ModelProto) -> set[str]:
-    """Every tensor name consumed by a node (including subgraphs and functions) or a graph output."""
+    """Every tensor name consumed by a main-graph node (including names its subgraphs read) or
+    listed as a graph output. Function bodies are not visited: they only see their own inputs."""
     used: set[str] = {o.name for o in model.graph.output}
 
     def visit(graph: onnx.GraphProto) -> None:
@@ -327,8 +330,15 @@ def remove_unused_initializers(model: onnx.ModelProto) -> int:
     keep = [t for t in g.initializer if t.name in used]
     dropped = len(g.initializer) - len(keep)
     if dropped:
+        gone = {t.name for t in g.initializer} - {t.name for t in keep}
         del g.initializer[:]
         g.initializer.extend(keep)
+        # IR < 4 models also list every initializer as a graph input: drop those entries too, or
+        # the dropped weight would become an input the caller has to feed.
+        inputs = [vi for vi in g.input if vi.name not in gone]
+        if len(inputs) != len(g.input):
+            del g.input[:]
+            g.input.extend(inputs)
     return dropped
 
 

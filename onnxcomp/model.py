@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from onnxcomp.errors import BadInputError
+from onnxcomp.errors import BadInputError, first_line
 
 # protobuf refuses to serialize a message of 2 GiB or more; stay clear of it.
 _PROTOBUF_LIMIT = 2**31 - 2**24
@@ -26,9 +26,9 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
     try:
         model = onnx.load(str(p), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
-        raise BadInputError(f"{p}: not a readable ONNX model ({_first_line(exc)})") from None
+        raise BadInputError(f"{p}: not a readable ONNX model ({first_line(exc)})") from None
     except Exception as exc:  # protobuf raises assorted types for garbage input
-        raise BadInputError(f"{p}: not a readable ONNX model ({_first_line(exc)})") from None
+        raise BadInputError(f"{p}: not a readable ONNX model ({first_line(exc)})") from None
     if not model.HasField("graph") or not model.opset_import or (not model.graph.node and not model.graph.output):
         # A file cut at a field boundary still parses: require the parts every model has.
         raise BadInputError(f"{p}: not an ONNX model (empty or truncated: no graph or no opset)")
@@ -36,7 +36,7 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(p.parent))
         except Exception as exc:
-            raise BadInputError(f"{p}: cannot read its external data ({_first_line(exc)})") from None
+            raise BadInputError(f"{p}: cannot read its external data ({first_line(exc)})") from None
     return model
 
 
@@ -96,17 +96,11 @@ def save_model(
 ) -> Path:
     """Write `model` to `path` atomically (temp file in the same folder, then rename).
 
-    Refuses to overwrite any file in `protect` (the inputs). Uses external data when asked or when
-    the protobuf would pass the 2 GB limit; the data file is named `<file>.data` beside it.
+    Refuses to overwrite any file in `protect` (the inputs) or an external-data file they use.
+    Uses external data when asked or when the protobuf would pass the 2 GB limit; the data file is
+    named `<file>.data` beside it. The model's IR version is clamped in place (`runtime_compatible`).
     """
-    out = Path(path)
-    for p in protect:
-        if _same_file(out, Path(p)):
-            raise BadInputError(f"{out}: refusing to overwrite the input model; choose another output path")
-    if out.is_dir():
-        raise BadInputError(f"{out}: is a directory, expected an output file path")
-    if not out.parent.exists():
-        raise BadInputError(f"{out.parent}: output folder does not exist")
+    out = check_output_path(path)
     runtime_compatible(model)
     # ByteSize() serializes the whole message under upb (seconds and a full copy for a 550 MB
     # model), so decide from the tensor payloads; a model still too big fails to serialize below.
@@ -115,10 +109,12 @@ def save_model(
         external_data = too_big
     elif too_big and not external_data:
         raise BadInputError(f"{out}: the model is over 2 GB; it can only be saved with external data")
+    targets = [out, out.parent / (out.name + ".data")] if external_data else [out]
+    _refuse_to_overwrite(targets, [Path(p) for p in protect])
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
     except OSError as exc:
-        raise BadInputError(f"{out}: cannot write here ({exc.strerror or _first_line(exc)})") from None
+        raise BadInputError(f"{out}: cannot write here ({exc.strerror or first_line(exc)})") from None
     os.close(fd)
     os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; give the file the usual permissions
     tmp_data = out.parent / (Path(tmp).name + ".data")
@@ -148,9 +144,71 @@ def save_model(
             if os.path.exists(leftover):
                 os.unlink(leftover)
         if isinstance(exc, OSError):  # disk full, permissions, ...: the user's environment, not a bug
-            raise BadInputError(f"{out}: cannot write ({exc.strerror or _first_line(exc)})") from None
+            raise BadInputError(f"{out}: cannot write ({exc.strerror or first_line(exc)})") from None
         raise
     return out
+
+
+def check_output_path(path: str | os.PathLike, *, protect: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """`path` as a Path if a file can be written there: BadInputError when it is a directory, its
+    folder does not exist, or it names one of the `protect` files. Lets a command refuse a bad
+    output path before doing any work."""
+    out = Path(path)
+    if out.is_dir():
+        raise BadInputError(f"{out}: is a directory, expected an output file path")
+    if not out.parent.exists():
+        raise BadInputError(f"{out.parent}: output folder does not exist")
+    for p in protect:
+        if _same_file(out, Path(p)):
+            raise BadInputError(f"{out}: refusing to overwrite an input; choose another output path")
+    return out
+
+
+def save_text(path: str | os.PathLike, text: str, *, protect: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Write `text` (UTF-8) to `path` atomically: a temp file in the same folder, then a rename, so a
+    reader never sees half a report. Same path checks as `check_output_path`."""
+    out = check_output_path(path, protect=protect)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
+    except OSError as exc:
+        raise BadInputError(f"{out}: cannot write here ({exc.strerror or first_line(exc)})") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, out)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise BadInputError(f"{out}: cannot write ({exc.strerror or first_line(exc)})") from None
+        raise
+    return out
+
+
+def _refuse_to_overwrite(targets: list[Path], protect: list[Path]) -> None:
+    """BadInputError if writing `targets` would replace a protected model or one of its external-data
+    files. A protected model's external-data references are read (protobuf only, no weights) only
+    for an existing target not named *.onnx, so the common case costs no extra parse."""
+    for target in targets:
+        for p in protect:
+            if _same_file(target, p):
+                raise BadInputError(f"{target}: refusing to overwrite the input model; choose another output path")
+        if not target.exists() or target.suffix == ".onnx":
+            continue
+        for p in protect:
+            if not p.is_file():
+                continue
+            try:
+                ref = onnx.load(str(p), load_external_data=False)
+            except Exception:
+                continue
+            for tensor in onnx.external_data_helper._get_all_tensors(ref):
+                for entry in tensor.external_data:
+                    if entry.key == "location" and _same_file(target, p.parent / entry.value):
+                        raise BadInputError(
+                            f"{target}: refusing to overwrite the external data of input {p}; choose another output path"
+                        )
 
 
 def _payload_bytes(model: onnx.ModelProto) -> int:
@@ -183,8 +241,3 @@ def default_file_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

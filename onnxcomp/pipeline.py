@@ -14,7 +14,8 @@ from typing import Any
 
 import onnx
 
-from onnxcomp.errors import BadInputError, PipelineSyntaxError, ValidationFailed
+from onnxcomp.errors import BadInputError, PipelineSyntaxError, ValidationFailed, first_line
+from onnxcomp.model import runtime_compatible
 from onnxcomp.passes.base import REWRITTEN, Context, Pass, _jsonable, get_pass
 from onnxcomp.tolerance import Tolerance
 
@@ -126,7 +127,12 @@ def load_recipe(path_or_name: str | Path) -> list[tuple[str, dict[str, Any]]]:
         close = difflib.get_close_matches(str(path_or_name), recipes, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise BadInputError(f"recipe {path_or_name}: no such file or built-in recipe{hint}")
-    text = path.read_text()
+    if not path.is_file():
+        raise BadInputError(f"recipe {path}: not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"recipe {path}: cannot read ({first_line(exc)})") from None
     try:
         if path.suffix == ".json":
             doc = json.loads(text)
@@ -135,7 +141,7 @@ def load_recipe(path_or_name: str | Path) -> list[tuple[str, dict[str, Any]]]:
 
             doc = yaml.safe_load(text)
     except Exception as exc:
-        raise PipelineSyntaxError(f"recipe {path}: cannot parse ({str(exc).splitlines()[0]})") from None
+        raise PipelineSyntaxError(f"recipe {path}: cannot parse ({first_line(exc)})") from None
     steps = doc.get("pipeline") if isinstance(doc, dict) else doc
     if not isinstance(steps, list) or not steps:
         raise PipelineSyntaxError(f"recipe {path}: expected a non-empty list under 'pipeline'")
@@ -228,11 +234,24 @@ class Pipeline:
 
     @classmethod
     def parse(cls, spec: str | list | Pipeline, normalize: bool = True) -> Pipeline:
-        """From a pipeline string, a built-in recipe name, a recipe path, or a list of passes/steps."""
+        """From a pipeline string, a built-in recipe name, a recipe path, or a list whose items are
+        Pass objects, pass strings (`"tucker{rank=4}"`) or (name, options) pairs."""
         if isinstance(spec, Pipeline):
             return spec
         if isinstance(spec, list):
-            passes = [p if isinstance(p, Pass) else get_pass(p)() for p in spec]
+            passes: list[Pass] = []
+            for k, item in enumerate(spec):
+                if isinstance(item, Pass):
+                    passes.append(item)
+                elif isinstance(item, str):
+                    passes.extend(get_pass(name)(**opts) for name, opts in parse_pipeline_string(item))
+                elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
+                    name, opts = item
+                    passes.append(get_pass(name)(**dict(opts or {})))
+                else:
+                    raise PipelineSyntaxError(
+                        f"pipeline step {k + 1}: expected a Pass, a pass string or (name, options), got {item!r}"
+                    )
             if normalize and (not passes or passes[0].name != "normalize"):
                 passes.insert(0, get_pass("normalize")())
             return cls(passes)
@@ -295,6 +314,7 @@ class Pipeline:
         if current is original:  # no pass made a new model: never stamp the caller's
             current = onnx.ModelProto()
             current.CopyFrom(original)
+        runtime_compatible(current)
         _set_metadata(current, "onnxcomp.pipeline", str(self))
         if validate:
             check = validation.compare(original, current, ctx, tolerance, layers=rewritten or None)

@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxcomp.errors import BadInputError
-from onnxcomp.model import as_model, max_runtime_ir_version
+from onnxcomp.errors import BadInputError, first_line
+from onnxcomp.model import as_model, runtime_compatible
 
 # protobuf refuses to serialize 2 GiB; leave margin for the graph itself.
 _SERIALIZE_LIMIT = 2**31 - 2**26
@@ -78,7 +78,7 @@ def _session(payload: bytes | str, so: ort.SessionOptions) -> ort.InferenceSessi
     try:
         return ort.InferenceSession(payload, sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise BadInputError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+        raise BadInputError(f"onnxruntime cannot load the model: {first_line(exc, 300)}") from None
 
 
 def _session_for_proto(model: onnx.ModelProto, so: ort.SessionOptions, extra: list[str]) -> ort.InferenceSession:
@@ -91,9 +91,7 @@ def _session_for_proto(model: onnx.ModelProto, so: ort.SessionOptions, extra: li
     try:
         for name in added:
             model.graph.output.append(onnx.ValueInfoProto(name=name))
-        limit = max_runtime_ir_version()
-        if model.ir_version > limit or model.ir_version == 0:
-            model.ir_version = limit
+        runtime_compatible(model)  # undone in `finally`, with the extra outputs
         if model.ByteSize() < _SERIALIZE_LIMIT:
             payload = model.SerializeToString()
             return _session(payload, so)
@@ -108,6 +106,17 @@ def _session_for_proto(model: onnx.ModelProto, so: ort.SessionOptions, extra: li
     finally:
         del model.graph.output[n_out:]
         model.ir_version = old_ir
+
+
+def run_session(sess: ort.InferenceSession, names: Sequence[str] | None, feeds: dict[str, np.ndarray],
+                what: str = "the model") -> list:
+    """`sess.run(names, feeds)`, with an onnxruntime failure (data the model cannot take, such as an
+    index out of range or a wrong dim, or a model it cannot execute) raised as a one-line
+    BadInputError that names `what`."""
+    try:
+        return sess.run(names, feeds)
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidArgument / RuntimeException types
+        raise BadInputError(f"{what}: onnxruntime failed to run it ({first_line(exc, 300)})") from None
 
 
 def tensor_names(model: onnx.ModelProto) -> set[str]:
@@ -161,7 +170,7 @@ def run_batches(
     step: int | None = None
 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = sess.run(run_names, feeds) if run_names else []
+        values = run_session(sess, run_names, feeds) if run_names else []
         result = dict(zip(run_names, values, strict=True))
         for n in fed:
             result[n] = feeds[n]
@@ -362,9 +371,10 @@ def measure_latency(
     """Time each model on the same `feeds` (a dict of arrays, or a DataSource: its first batch).
 
     Sessions run at full optimisation with `threads` intra-op threads and no extra outputs. After
-    `warmup` runs of each, `rounds` rounds of `runs` iterations follow; each iteration runs every
-    model once, interleaved (A B A B ...), starting from a different model each iteration so that
-    neither order nor machine drift favours one. Results are in the order of `models`.
+    one untimed check run and `warmup` runs of each, `rounds` rounds of `runs` iterations follow;
+    each iteration runs every model once, interleaved (A B A B ...), starting from a different model
+    each iteration so that neither order nor machine drift favours one. Results are in the order of
+    `models`.
     """
     if not models:
         raise BadInputError("no models to time")
@@ -388,6 +398,8 @@ def measure_latency(
             )
     out_names = [[o.name for o in s.get_outputs()] for s in sessions]
     n = len(sessions)
+    for k in range(n):  # one untimed run each: a model that cannot run these feeds fails here, in one line
+        run_session(sessions[k], out_names[k], feeds, labels[k])
     if progress is not None:
         progress.message(f"warm-up: {warmup} runs each")
     for _ in range(warmup):
@@ -435,8 +447,3 @@ def _model_name(m: Any, k: int) -> str:
     if isinstance(m, onnx.ModelProto) and m.graph.name:
         return f"{k}:{m.graph.name}"
     return f"model{k}"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

@@ -14,10 +14,52 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
     for spec in specs or []:
         name, _, dims = spec.rpartition(":")
         try:
-            out[name] = [int(d) for d in dims.replace("x", ",").split(",") if d.strip()]
+            shape = [int(d) for d in dims.replace("x", ",").split(",") if d.strip()]
         except ValueError:
             raise BadInputError(f"--input-shape {spec!r}: expected NAME:D0,D1,... with integer dims") from None
+        if any(d <= 0 for d in shape):
+            raise BadInputError(f"--input-shape {spec!r}: dims must be positive integers")
+        if name in out:
+            raise BadInputError(f"--input-shape {spec!r}: input '{name or '(first)'}' is given twice")
+        out[name] = shape
     return out
+
+
+def check_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None) -> None:
+    """BadInputError unless every shape in `given` names a data input of `model` (the key "" stands
+    for the first one), has the input's rank, and agrees with every dim the model fixes. Run it
+    before shapes reach shape inference, which would otherwise quietly use a wrong shape."""
+    if not given:
+        return
+    inits = {t.name for t in model.graph.initializer}
+    data_inputs = [i for i in model.graph.input if i.name not in inits]
+    by_name = {i.name: i for i in data_inputs}
+    for key, shape in given.items():
+        if key == "":
+            if not data_inputs:
+                raise BadInputError("--input-shape: the model has no inputs")
+            vi = data_inputs[0]
+        elif key in by_name:
+            vi = by_name[key]
+        else:
+            names = ", ".join(by_name) or "(none)"
+            raise BadInputError(f"--input-shape names '{key}', but the model's inputs are: {names}")
+        if any(not isinstance(d, int) or d <= 0 for d in shape):
+            raise BadInputError(f"--input-shape {vi.name}: dims must be positive integers, got {list(shape)}")
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            continue
+        dims = list(tt.shape.dim)
+        declared = "[" + ",".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims) + "]"
+        if len(shape) != len(dims):
+            raise BadInputError(
+                f"--input-shape {vi.name}: {len(shape)} dims given, the model input has {len(dims)} {declared}"
+            )
+        for k, (g, d) in enumerate(zip(shape, dims, strict=True)):
+            if d.HasField("dim_value") and d.dim_value > 0 and g != d.dim_value:
+                raise BadInputError(
+                    f"--input-shape {vi.name}: dim {k} is {g} but the model fixes it to {d.dim_value} {declared}"
+                )
 
 
 def resolve_input_shape(model: onnx.ModelProto, name: str, given: dict[str, list[int]], batch: int | None = 1) -> list:

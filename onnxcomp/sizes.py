@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx
 
-from onnxcomp.errors import BadInputError
+from onnxcomp.errors import BadInputError, first_line
 
 LZMA_PRESET = 6  # xz's default
 _CHUNK = 1 << 22
@@ -22,7 +22,7 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:
-        raise BadInputError(f"{p}: not a readable ONNX model ({exc})") from None
+        raise BadInputError(f"{p}: not a readable ONNX model ({first_line(exc)})") from None
     files: dict[str, None] = {}
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+
+from onnxcomp.errors import BadInputError
 
 
 @dataclass(frozen=True)
@@ -18,6 +21,19 @@ class Tolerance:
     atol: float | None = None
     min_cosine: float | None = None
     max_top1_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        """BadInputError for a criterion that could never fail or never pass (NaN, negative, ...):
+        a NaN rtol, for one, made every elementwise comparison false, so nothing was a violation."""
+        for key, value in asdict(self).items():
+            if value is None:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise BadInputError(f"tolerance {key}={value!r}: expected a finite number")
+            if key == "min_cosine" and not -1.0 <= value <= 1.0:
+                raise BadInputError(f"tolerance min_cosine={value:g}: a cosine lies in [-1, 1]")
+            if key != "min_cosine" and value < 0:
+                raise BadInputError(f"tolerance {key}={value:g}: must not be negative")
 
     @property
     def is_set(self) -> bool:

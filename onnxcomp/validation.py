@@ -14,9 +14,10 @@ written, as onnxsim does). Figures per output, accumulated batch by batch (no ou
   with labels, the top-1 / top-5 accuracy of each model.
 
 NaNs and infinities at the same place in both models count as equal; anywhere else they are an
-infinite error. When pass LayerRecords are given, the output tensor of every rewritten layer is
-captured in both models, and the layer with the largest relative L2 error (||d|| / ||ref||) is the
-`worst_layer`.
+infinite error and fail the check even when no tolerance is given. Input data must be finite (a
+check on NaN inputs would agree vacuously). When pass LayerRecords are given, the output tensor of
+every rewritten layer is captured in both models, and the layer with the largest relative L2 error
+(||d|| / ||ref||) is the `worst_layer`.
 """
 
 from __future__ import annotations
@@ -276,7 +277,8 @@ class Check:
 
     @property
     def passed(self) -> bool:
-        """True when no tolerance was set, or every criterion set holds on every output."""
+        """True when every output has finite values wherever the reference does and meets every
+        criterion of the tolerance (without a tolerance, only the first condition applies)."""
         return all(o.passed for o in self.outputs)
 
     @property
@@ -373,6 +375,52 @@ def _field(record: Any, key: str, default: Any = "") -> Any:
     return getattr(record, key, default)
 
 
+def _fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The leading dim the model's inputs fix (None when it is free in every input)."""
+    from onnxcomp.data import model_inputs
+
+    fixed = {s.fixed_batch for s in model_inputs(model) if s.fixed_batch is not None}
+    return min(fixed) if fixed else None
+
+
+def batch_model(ref: onnx.ModelProto, cand: onnx.ModelProto) -> onnx.ModelProto:
+    """The model a data source for comparing `ref` with `cand` should be opened against: the
+    candidate when it fixes a leading (batch) dim that the reference leaves free (e.g. a model
+    exported at batch 1), else the reference."""
+    return cand if _fixed_batch(ref) is None and _fixed_batch(cand) is not None else ref
+
+
+def _check_inputs(ref: onnx.ModelProto, cand: onnx.ModelProto) -> dict[str, np.dtype]:
+    """BadInputError unless both models can take the same feeds: same input names, same dtype kind,
+    same rank, no dim fixed differently. Returns the candidate inputs whose dtype differs only in
+    precision (e.g. float16 vs float32): the feeds are cast to it for the candidate."""
+    from onnxcomp.data import model_inputs
+
+    ref_in = {s.name: s for s in model_inputs(ref)}
+    cand_in = {s.name: s for s in model_inputs(cand)}
+    if set(ref_in) != set(cand_in):
+        raise BadInputError(
+            f"the models' inputs differ: reference {', '.join(sorted(ref_in))}; candidate {', '.join(sorted(cand_in))}"
+        )
+    casts: dict[str, np.dtype] = {}
+    for name, r in ref_in.items():
+        c = cand_in[name]
+        if r.dtype != c.dtype:
+            if r.dtype.kind != c.dtype.kind:
+                raise BadInputError(f"input '{name}' is {r.dtype} in the reference but {c.dtype} in the candidate")
+            casts[name] = c.dtype
+        if r.dims is None or c.dims is None:
+            continue
+        if len(r.dims) != len(c.dims):
+            raise BadInputError(
+                f"input '{name}' has rank {len(r.dims)} in the reference but {len(c.dims)} in the candidate"
+            )
+        for k, (a, b) in enumerate(zip(r.dims, c.dims, strict=True)):
+            if isinstance(a, int) and isinstance(b, int) and a != b:
+                raise BadInputError(f"input '{name}' dim {k} is {a} in the reference but {b} in the candidate")
+    return casts
+
+
 def resolve_source(model: onnx.ModelProto, ctx_or_source: Any) -> Any:
     """The DataSource to check on: a Context's data, else random data from its shapes and seed."""
     from onnxcomp.data import DataSource, open_source, random_source
@@ -404,12 +452,14 @@ def compare(
     `ctx_or_source` is a passes.base.Context (its data, else random data from the reference's
     inputs, its input_shapes and seed), a DataSource or anything `open_source` accepts. `layers`
     are LayerRecords (objects or their dicts); the rewritten ones' `output` tensors are compared too.
-    Different output names, or different shapes of an output, raise BadInputError.
+    Raise BadInputError for: different output names or shapes, inputs the two models cannot both
+    take (names, dtype kinds, ranks, fixed dims), non-finite input data, and data onnxruntime
+    cannot run. A candidate that fixes a batch dim the reference leaves free runs in chunks of it;
+    one whose inputs differ only in float precision gets the feeds cast to its dtype.
     """
-    from onnxcomp.data import model_inputs
     from onnxcomp.model import as_model
     from onnxcomp.passes.base import REWRITTEN
-    from onnxcomp.runtime import make_session, tensor_names
+    from onnxcomp.runtime import make_session, run_session, tensor_names
 
     ref_m = as_model(ref)
     cand_m = as_model(cand)
@@ -422,14 +472,10 @@ def compare(
             f"the models' outputs differ: only in the reference: {', '.join(only_r) or '-'}; "
             f"only in the candidate: {', '.join(only_c) or '-'}"
         )
-    source = resolve_source(ref_m, ctx_or_source)
-
-    ref_in = {s.name for s in model_inputs(ref_m)}
-    cand_in = {s.name for s in model_inputs(cand_m)}
-    if ref_in != cand_in:
-        raise BadInputError(
-            f"the models' inputs differ: reference {', '.join(sorted(ref_in))}; candidate {', '.join(sorted(cand_in))}"
-        )
+    casts = _check_inputs(ref_m, cand_m)
+    source = resolve_source(batch_model(ref_m, cand_m), ctx_or_source)
+    # A candidate that fixes the batch dim the reference leaves free runs in chunks of that size.
+    chunk = _fixed_batch(cand_m) if _fixed_batch(ref_m) is None else None
 
     # layers to capture: rewritten ones whose preserved output exists in both models
     layer_nodes: dict[str, str] = {}
@@ -449,8 +495,13 @@ def compare(
                 not_found.append(node)
     captured = list(layer_nodes)
 
-    sess_r = make_session(ref_m, optimize=False, threads=threads, extra_outputs=captured)
-    sess_c = make_session(cand_m, optimize=False, threads=threads, extra_outputs=captured)
+    sessions = []
+    for what, m in (("reference", ref_m), ("candidate", cand_m)):
+        try:
+            sessions.append(make_session(m, optimize=False, threads=threads, extra_outputs=captured))
+        except BadInputError as exc:
+            raise BadInputError(f"{what}: {exc}") from None
+    sess_r, sess_c = sessions
     names = ref_outs + captured
     out_diff = {n: _Diff() for n in ref_outs}
     out_top: dict[str, _TopK | None] = {}
@@ -460,12 +511,13 @@ def compare(
     per_sample: dict[str, bool] = {}
     # Layer capture can hold many large activations per sample: when the batch axis is free, run
     # sub-batches sized so the captured tensors of both models stay near CAPTURE_BUDGET bytes.
-    splittable = bool(captured) and all(s.fixed_batch is None for s in model_inputs(ref_m))
-    step: int | None = None
+    splittable = chunk is not None or (bool(captured) and _fixed_batch(ref_m) is None)
+    step: int | None = chunk
 
     def run_once(feeds: dict[str, np.ndarray], labels: np.ndarray | None, n: int) -> int:
-        rv = sess_r.run(names, feeds)
-        cv = sess_c.run(names, feeds)
+        rv = run_session(sess_r, names, feeds, "reference")
+        cand_feeds = {k: v.astype(casts[k]) if k in casts else v for k, v in feeds.items()}
+        cv = run_session(sess_c, names, cand_feeds, "candidate")
         captured_bytes = 0
         for name, r, c in zip(names, rv, cv, strict=True):
             if not isinstance(r, np.ndarray) or not isinstance(c, np.ndarray):
@@ -492,9 +544,14 @@ def compare(
         return captured_bytes
 
     for feeds, labels in source.batches():
+        _check_finite(feeds, source.description)
         first = next(iter(feeds.values()))
         n = int(first.shape[0]) if first.ndim else 1
-        if not splittable or n == 1:
+        if chunk is not None and n % chunk:
+            raise BadInputError(
+                f"{source.description}: a batch of {n} samples, but the candidate fixes its batch dim to {chunk}"
+            )
+        if not splittable or n == 1 or n == chunk:
             run_once(feeds, labels, n)
         else:
             start = 0
@@ -531,6 +588,14 @@ def compare(
     )
 
 
+def _check_finite(feeds: dict[str, np.ndarray], where: str) -> None:
+    """A check on NaN or infinite inputs proves nothing (NaN == NaN counts as agreement)."""
+    for name, v in feeds.items():
+        if v.dtype.kind in "fc" and not np.isfinite(v).all():
+            bad = int(v.size - np.count_nonzero(np.isfinite(v)))
+            raise BadInputError(f"{where}: input '{name}' holds {bad} NaN or infinite values; give finite data")
+
+
 def _output_check(name: str, d: _Diff, top: _TopK | None, shape: list[int], tol: Tolerance | None) -> OutputCheck:
     oc = OutputCheck(
         name=name,
@@ -554,8 +619,7 @@ def _output_check(name: str, d: _Diff, top: _TopK | None, shape: list[int], tol:
             oc.cand_top1_acc = 100.0 * top.cand_correct1 / top.labelled
             oc.ref_top5_acc = 100.0 * top.ref_correct5 / top.labelled
             oc.cand_top5_acc = 100.0 * top.cand_correct5 / top.labelled
-    if tol is None:
-        oc.failures.clear()
+    if tol is None:  # figures only; a NaN/inf where the reference is finite still fails (above)
         return oc
     if tol.elementwise and d.violations:
         oc.failures.append(

@@ -197,3 +197,27 @@ def test_runtime_shapes_complete_what_shape_inference_cannot(ppocr_models):
     assert all(measured[n].macs == c.macs for n, c in inferred.items() if c.macs is not None)
     mm = next(c for c in measured.values() if c.op == "MatMul")
     assert mm.macs == mm.in_channels * mm.out_channels  # batch 1: one row
+
+
+def test_input_shapes_that_do_not_fit_the_model_are_bad_input():
+    """A wrong-rank or wrong-name --input-shape used to give silently wrong MACs (or none at all)."""
+    from onnxcomp.errors import BadInputError
+    from onnxcomp.shapes import parse_input_shapes
+
+    m = tiny_cnn(spatial=(8, 8))
+    right = total_macs(m, {"x": [1, 3, 8, 8]})
+    assert total_macs(m, {"": [1, 3, 8, 8]}) == right  # a bare shape names the first input
+    for shapes, words in [
+        ({"x": [1, 3, 8]}, "3 dims given, the model input has 4 [N,3,8,8]"),  # used to cost 8x8 as 8x?
+        ({"y": [1, 3, 8, 8]}, "names 'y', but the model's inputs are: x"),
+        ({"x": [1, 4, 8, 8]}, "dim 1 is 4 but the model fixes it to 3"),
+        ({"x": [1, 3, 16, 16]}, "dim 2 is 16 but the model fixes it to 8"),
+        ({"x": [0, 3, 8, 8]}, "dims must be positive"),
+    ]:
+        with pytest.raises(BadInputError, match=words.replace("[", r"\[").replace("]", r"\]")):
+            layer_costs(m, shapes)
+    with pytest.raises(BadInputError, match="dims must be positive"):
+        parse_input_shapes(["x:1,-3,8,8"])
+    with pytest.raises(BadInputError, match="given twice"):
+        parse_input_shapes(["x:1,3,8,8", "x:2,3,8,8"])
+    assert parse_input_shapes(["x:1x3x8x8", "in:0:2,5"]) == {"x": [1, 3, 8, 8], "in:0": [2, 5]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from _tiny_models import perturb, tiny_cnn
@@ -124,3 +125,35 @@ def test_optimize_validate_records_the_check(paths, tmp_path, capsys):
     rep = json.loads(report.read_text())
     assert rep["validation"]["passed"] is True and rep["validation"]["summary"]["max_abs_err"] == 0.0
     assert "validation: pass" in capsys.readouterr().out
+
+
+def test_validate_a_batch_1_export_and_data_it_cannot_take(paths, tmp_path, capsys):
+    """A candidate with a fixed batch of 1 and data onnxruntime rejects used to end in exit 3."""
+    m, ref, _ = paths
+    b1 = onnx.ModelProto()
+    b1.CopyFrom(m)
+    for vi in (b1.graph.input[0], b1.graph.output[0]):
+        vi.type.tensor_type.shape.dim[0].Clear()
+        vi.type.tensor_type.shape.dim[0].dim_value = 1
+    cand = save_model(b1, tmp_path / "b1.onnx")
+    assert main(["validate", str(ref), str(cand), "--samples", "5", "--json"]) == 0
+    assert _json(capsys)["samples"] == 5
+    x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    assert main(["validate", str(ref), str(cand), "--data", str(tmp_path / "d.npz")]) == 0
+    capsys.readouterr()
+    x[1, 0, 0, 0] = np.inf
+    np.savez(tmp_path / "inf.npz", x=x)
+    assert main(["validate", str(ref), str(ref), "--data", str(tmp_path / "inf.npz")]) == 2
+    assert "NaN or infinite" in capsys.readouterr().err
+    assert main(["validate", str(ref), str(ref), "--samples", "0"]) == 2  # used to mean "the default 8"
+
+
+def test_inspect_and_bench_refuse_input_shapes_that_do_not_fit(paths, capsys):
+    _, ref, _ = paths
+    for shape, words in [("x:1,3,8", "3 dims given"), ("y:1,3,8,8", "names 'y'"), ("x:1,3,16,16", "fixes it to 8")]:
+        assert main(["inspect", str(ref), "--input-shape", shape]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1
+    assert main(["bench", str(ref), "--input-shape", "x:1,3,8", "-q"]) == 2
+    capsys.readouterr()

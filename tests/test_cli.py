@@ -224,12 +224,45 @@ def test_validation_failure_exits_1_and_rollback_recovers(tiny, tmp_path, capsys
     assert code == 1 and out2.exists() and "FAIL" in stdout
 
 
+@pytest.mark.usefixtures("perturb_registered")
 def test_no_normalize_flag(tiny, tmp_path, capsys):
     rep = tmp_path / "r.json"
-    code, _, err = run_cli(capsys, "optimize", tiny, "-o", tmp_path / "o.onnx", "-p", "normalize", "--no-normalize",
+    for flags, passes in ([[], ["normalize", "t_perturb"]], [["--no-normalize"], ["t_perturb"]]):
+        code, _, err = run_cli(capsys, "optimize", tiny, "-o", tmp_path / "o.onnx", "-p", "t_perturb", *flags,
+                               "--report", rep, "-q")
+        assert code == 0, err
+        assert [p["name"] for p in json.loads(rep.read_text())["passes"]] == passes
+        ops = [n.op_type for n in load_model(tmp_path / "o.onnx").graph.node]
+        assert ("BatchNormalization" in ops) == ("--no-normalize" in flags)
+
+
+@pytest.mark.usefixtures("perturb_registered")
+def test_a_tolerance_flag_is_never_silently_ignored(tiny, tmp_path, capsys):
+    """`--min-cosine` without `--validate` used to be accepted and never checked."""
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    code, _, err = run_cli(capsys, "optimize", tiny, "-o", out, "-p", "t_perturb{bad=conv3}", "--min-cosine",
+                           "0.999", "--report", rep, "-q")
+    assert code == 1 and "final model broke the tolerance" in err
+    assert json.loads(rep.read_text())["validation"]["passed"] is False
+    code, _, err = run_cli(capsys, "optimize", tiny, "-o", out, "-p", "t_perturb", "--min-cosine", "0.999",
                            "--report", rep, "-q")
-    assert code == 0, err
-    assert [p["name"] for p in json.loads(rep.read_text())["passes"]] == ["normalize"]
+    assert code == 0 and json.loads(rep.read_text())["validation"]["passed"] is True
+    code, _, err = run_cli(capsys, "optimize", tiny, "-o", tmp_path / "o2.onnx", "-p", "t_perturb", "--on-fail",
+                           "rollback", "-q")
+    assert code == 2 and "needs --validate-each" in err and not (tmp_path / "o2.onnx").exists()
+
+
+@pytest.mark.parametrize("where", ["missing-folder", "a-folder", "the-input", "the-output"])
+def test_unwritable_report_path_is_exit_2_before_any_output(tiny, tmp_path, capsys, where):
+    """A bad --report path used to fail with an internal error after the model had been written."""
+    out = tmp_path / "o.onnx"
+    report = {"missing-folder": tmp_path / "nope" / "r.json", "a-folder": tmp_path, "the-input": tiny,
+              "the-output": out}[where]
+    before = tiny.read_bytes()
+    code, _, err = run_cli(capsys, "optimize", tiny, "-o", out, "--report", report, "-q")
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "internal error" not in err
+    assert not out.exists() and tiny.read_bytes() == before
 
 
 def test_optimize_console_script_bad_pipeline(tiny, tmp_path):
@@ -238,3 +271,25 @@ def test_optimize_console_script_bad_pipeline(tiny, tmp_path):
                           capture_output=True, text=True, timeout=120, env={**os.environ, "ONNXCOMP_TRACEBACK": ""})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "trailing ','" in proc.stderr
+
+
+def test_report_table_shows_growth_instead_of_0_00x():
+    """A model that grew 300x (a ConstantOfShape model after folding) showed 'reduction 0.00x'."""
+    from onnxcomp.cli.optimize_cmd import render_report
+    from onnxcomp.pipeline import Report
+
+    report = Report(pipeline="normalize", seed=0, before={"params": 10, "macs": 100, "bytes": 15_000},
+                    after={"params": 10, "macs": 100, "bytes": 4_950_000})
+    sizes = {line.split()[0]: line.split()[-1] for line in render_report(report).splitlines()[2:] if line.strip()}
+    assert sizes["file"] == "0.003x" and sizes["params"] == "1.00x"
+
+
+def test_errors_print_as_one_line_even_when_a_message_has_several(monkeypatch, capsys):
+    from onnxcomp.errors import BadInputError
+
+    def explode(args):
+        raise BadInputError("first part\n  second part\n")
+
+    monkeypatch.setattr("onnxcomp.cli.passes_cmd.run", explode)
+    code, _, err = run_cli(capsys, "passes")
+    assert code == 2 and err == "onnxcomp: error: first part second part\n"

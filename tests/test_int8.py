@@ -54,3 +54,30 @@ def test_int8_exclude_keeps_layer_float():
 def test_int8_needs_data():
     with pytest.raises(BadInputError, match="needs calibration data"):
         Pipeline.parse("int8").run(tiny_cnn(), Context())
+
+
+def test_int8_calibrates_a_model_with_a_fixed_batch_of_4():
+    """Calibration fed one sample at a time, which a model fixing its batch dim to 4 cannot run."""
+    model = tiny_cnn(seed=3)
+    for vi in (model.graph.input[0], model.graph.output[0]):
+        vi.type.tensor_type.shape.dim[0].Clear()
+        vi.type.tensor_type.shape.dim[0].dim_value = 4
+    ctx = Context(data=random_source(model, {}, samples=12, seed=1))
+    out, report = Pipeline.parse("int8{samples=8}").run(model, ctx)
+    assert report.passes[-1].figures["calibration_samples"] == 8  # two whole batches of 4
+    assert {r["node"] for r in report.passes[-1].layers if r["action"] == REWRITTEN} == {"conv1", "conv2", "fc"}
+    x = np.random.default_rng(7).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    ref, got = _run(model, {"x": x}), _run(out, {"x": x})
+    assert float((ref * got).sum() / (np.linalg.norm(ref) * np.linalg.norm(got))) > 0.99
+
+
+def test_int8_reports_params_and_macs_of_unnamed_nodes():
+    """Unnamed nodes get names for quantize_static; their costs were looked up under the old labels."""
+    model = tiny_cnn(seed=3)
+    for node in model.graph.node:
+        node.name = ""
+    _, report = Pipeline.parse("int8{samples=4}", normalize=False).run(model, _ctx(model))
+    rewritten = [r for r in report.passes[-1].layers if r["action"] == REWRITTEN]
+    assert [r["node"] for r in rewritten] == ["Conv_0", "Conv_2", "Gemm_6"]
+    assert [r["params_before"] for r in rewritten] == [8 * 27 + 8, 16 * 72 + 16, 170]
+    assert all(r["macs_before"] > 0 for r in rewritten)

@@ -220,3 +220,53 @@ def test_output_ir_version_loads_in_onnxruntime(tmp_path):
     saved = onnx.load(str(out))
     assert 0 < saved.ir_version <= max_runtime_ir_version()
     ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+
+def test_save_refuses_to_overwrite_the_inputs_external_data(tmp_path):
+    """Writing over the data file of an input model used to succeed and corrupt the input."""
+    src = tmp_path / "a.onnx"
+    onnx.save_model(make_conv_model(cin=16, cout=32), str(src), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="b.onnx.data", size_threshold=1024)
+    data = tmp_path / "b.onnx.data"
+    before = data.read_bytes()
+    model = make_conv_model(cin=16, cout=32)
+    with pytest.raises(BadInputError, match="external data of input"):
+        save_model(model, data, protect=(src,))
+    # b.onnx is a new file, but with external data it would write b.onnx.data: the input's data
+    with pytest.raises(BadInputError, match="external data of input"):
+        save_model(model, tmp_path / "b.onnx", protect=(src,), external_data=True)
+    assert data.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx.data"]
+    save_model(model, tmp_path / "b.onnx", protect=(src,))  # inline: touches no input file
+    save_model(model, tmp_path / "c.onnx", protect=(src,), external_data=True)
+    assert data.read_bytes() == before
+    np.testing.assert_array_equal(numpy_helper.to_array(load_model(src).graph.initializer[0]),
+                                  numpy_helper.to_array(model.graph.initializer[0]))
+
+
+def test_save_text_is_atomic_and_checks_the_path(tmp_path, monkeypatch):
+    target = tmp_path / "r.json"
+    model_mod.save_text(target, "first")
+    assert target.read_text() == "first"
+
+    class Boom(RuntimeError):
+        pass
+
+    real_fdopen = os.fdopen
+
+    def failing_fdopen(fd, *a, **k):
+        fh = real_fdopen(fd, *a, **k)
+        fh.write = lambda _text: (_ for _ in ()).throw(Boom("disk gone"))
+        return fh
+
+    monkeypatch.setattr(model_mod.os, "fdopen", failing_fdopen)
+    with pytest.raises(Boom):
+        model_mod.save_text(target, "second")
+    monkeypatch.undo()
+    assert target.read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    with pytest.raises(BadInputError, match="output folder does not exist"):
+        model_mod.save_text(tmp_path / "nope" / "r.json", "x")
+    with pytest.raises(BadInputError, match="is a directory"):
+        model_mod.save_text(tmp_path, "x")
+    with pytest.raises(BadInputError, match="refusing to overwrite"):
+        model_mod.save_text(target, "x", protect=(target,))

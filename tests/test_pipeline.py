@@ -537,3 +537,50 @@ def test_culprit_layer_moves_blame_upstream(errors, culprit):
     assert culprit_layer(check, tiny_model()) == culprit
     empty = validation.Check(tolerance=EXACT, samples=1, data="x", has_labels=False, outputs=[])
     assert culprit_layer(empty, tiny_model()) is None
+
+
+# -- regressions ----------------------------------------------------------------------------------
+def test_list_pipelines_take_pass_strings_and_name_option_pairs():
+    """The docstring promised steps in a list; a (name, options) pair used to fail as an unknown pass."""
+    pipe = Pipeline.parse([("t_scale", {"factor": 3}), "t_scale{count=1},t_perturb", ScalePass(factor=0.5)],
+                          normalize=False)
+    assert str(pipe) == "t_scale{factor=3.0},t_scale{count=1},t_perturb,t_scale{factor=0.5}"
+    with pytest.raises(PipelineSyntaxError, match="step 1"):
+        Pipeline.parse([42])
+
+
+def test_a_recipe_path_that_is_a_folder_is_bad_input(tmp_path):
+    folder = tmp_path / "recipe.yaml"
+    folder.mkdir()
+    with pytest.raises(BadInputError, match="not a file"):
+        Pipeline.parse(str(folder))
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00pipeline")
+    with pytest.raises(BadInputError, match="cannot read"):
+        Pipeline.parse(str(binary))
+
+
+def test_the_returned_model_loads_in_the_installed_onnxruntime(monkeypatch):
+    """Only `save_model` clamped the IR version; the Python API returned whatever the last pass made."""
+    import onnxcomp.model as model_mod
+
+    monkeypatch.setattr(model_mod, "max_runtime_ir_version", lambda: 8)
+    high = tiny_model()
+    high.ir_version = 10
+    out, _ = Pipeline.parse("t_scale", normalize=False).run(high, Context())
+    assert out.ir_version == 8 and high.ir_version == 10
+
+
+def test_optional_options_are_typed():
+    """`X | None` options were left as raw strings ('3', 'none'): the union check never matched."""
+
+    @dataclass
+    class OptConfig(PassConfig):
+        limit: int | None = option(None, "an optional int")
+        ratio: float | None = option(0.5, "an optional float")
+
+    assert OptConfig.coerce_option("limit", "3", "t") == 3
+    assert OptConfig.coerce_option("limit", "none", "t") is None
+    assert OptConfig.coerce_option("ratio", "0.25", "t") == 0.25
+    with pytest.raises(PipelineSyntaxError, match="t.limit=many: expected int"):
+        OptConfig.coerce_option("limit", "many", "t")

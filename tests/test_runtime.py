@@ -131,3 +131,21 @@ def test_sub_batches_bound_memory_without_changing_statistics(model, tmp_path):
     assert split.count.tolist() == whole.count.tolist()
     first = activation_stats(model, src, ["c1"], max_batches=1)["c1"]
     assert int(first.count[0]) == 4 * 64
+
+
+def test_onnxruntime_failures_on_the_data_are_one_line_bad_input():
+    """Data a model cannot run (index out of range) used to escape as an onnxruntime error (exit 3)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.ones((4, 2), np.float32), "table")
+    g = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["y"])], "lookup",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], [table])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    bad = {"ids": np.array([1, 9])}
+    with pytest.raises(BadInputError, match=r"onnxruntime failed to run it \(.*out of data bounds") as info:
+        list(run_batches(m, bad))
+    assert "\n" not in str(info.value)
+    with pytest.raises(BadInputError, match=r"^lookup-model: onnxruntime failed"):
+        measure_latency([m], bad, names=["lookup-model"], warmup=0, runs=1, rounds=1)

@@ -230,7 +230,8 @@ def test_validate_each_stops_and_names_the_worst_layer(model, bump_pass):
     report = exc.value.report
     assert report.passes[-1].validation["summary"]["worst_layer"] == "conv2"
     ok, rep = Pipeline([bump_pass(factor=0.0)]).run(model, Context(), tolerance=EXACT, validate_each=True)
-    assert rep.passes[0].validation is None or rep.passes[0].validation["passed"]
+    assert [q.name for q in rep.passes] == ["test_bump"]
+    assert rep.passes[0].validation["passed"] is True  # the check ran, and an exact rewrite passes it
 
 
 def test_final_validate_names_output_and_layer(model, bump_pass):
@@ -250,3 +251,111 @@ def test_normalized_copy_validates_exactly():
     out, report = optimize(m, "normalize", validate=True, tolerance=EXACT)
     assert report.validation["passed"]
     assert all(n.op_type != "Identity" for n in out.graph.node)
+
+
+# -- regressions: inputs the two models or the data cannot share ---------------------------------
+def _with_batch(model, batch):
+    """A copy of `model` whose input and output declare a fixed leading dim `batch`."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for vi in (out.graph.input[0], out.graph.output[0]):
+        d = vi.type.tensor_type.shape.dim[0]
+        d.Clear()
+        d.dim_value = batch
+    return out
+
+
+def test_candidate_fixing_batch_1_runs_in_chunks(model, source):
+    """A candidate exported at batch 1 against a free-batch reference used to crash in onnxruntime."""
+    b1 = _with_batch(model, 1)
+    for data in (source, Context(), None):
+        check = compare(model, b1, data, EXACT)
+        assert check.passed and check.samples == (12 if data is source else 8)
+        assert check.output("logits").shape == [check.samples, 10]
+    bad = _with_batch(perturb(model, "w2", (0, 0, 0, 0), 1e-2), 1)
+    assert not compare(model, bad, source, EXACT).passed  # chunks are really compared
+    # a source whose batches are not whole multiples of the candidate's batch is one clear error
+    with pytest.raises(BadInputError, match="candidate fixes its batch dim to 4"):
+        compare(model, _with_batch(model, 4), random_source(model, {}, samples=6, batch_size=6), EXACT)
+    with pytest.raises(BadInputError, match="dim 0 is 1 in the reference but 4 in the candidate"):
+        compare(b1, _with_batch(model, 4), None, EXACT)
+
+
+def test_inputs_of_another_dtype_or_rank_are_bad_input(model):
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    other.graph.input[0].type.tensor_type.elem_type = TensorProto.INT64
+    with pytest.raises(BadInputError, match="input 'x' is float32 in the reference but int64 in the candidate"):
+        compare(model, other, None, EXACT)
+    other.CopyFrom(model)
+    other.graph.input[0].type.tensor_type.shape.dim.pop()
+    with pytest.raises(BadInputError, match="rank 4 in the reference but 3"):
+        compare(model, other, None, EXACT)
+
+
+def test_a_float16_candidate_gets_its_feeds_cast():
+    def relu(dtype):
+        g = helper.make_graph([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Cast", ["r"], ["y"], to=TensorProto.FLOAT)],
+                              "relu", [helper.make_tensor_value_info("x", dtype, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return m
+
+    check = compare(relu(TensorProto.FLOAT), relu(TensorProto.FLOAT16), None, Tolerance(rtol=1e-3, atol=1e-3))
+    assert check.passed and 0 < check.output("y").max_abs_err < 1e-2  # fp16 rounding, compared for real
+
+
+def test_data_onnxruntime_cannot_run_is_bad_input_naming_the_model():
+    """An out-of-range index in the user's data used to end in an internal error (exit 3)."""
+    table = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(6, 2), "table")
+    g = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["y"])], "lookup",
+                          [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], [table])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    assert compare(m, m, {"ids": np.arange(6)}, EXACT).passed
+    with pytest.raises(BadInputError, match=r"^reference: onnxruntime failed to run it \(.*out of data bounds"):
+        compare(m, m, {"ids": np.array([0, 100])}, EXACT)
+
+
+def test_non_finite_input_data_is_refused(model):
+    """NaN inputs made both models output NaN, which counted as agreement: a vacuous PASS."""
+    x = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    x[2, 1, 0, 0] = np.nan
+    with pytest.raises(BadInputError, match="input 'x' holds 1 NaN or infinite values"):
+        compare(model, model, {"x": x}, EXACT)
+
+
+def test_new_nans_fail_even_without_a_tolerance():
+    """Figures-only checks (no tolerance) used to pass a candidate that outputs NaN."""
+    def log_model(offset):
+        g = helper.make_graph(
+            [helper.make_node("Add", ["x", "o"], ["s"]), helper.make_node("Log", ["s"], ["y"])], "log",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(np.array(offset, np.float32), "o")])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return m
+
+    data = {"x": np.array([[1, 2, 3], [4, 5, 6]], np.float32)}
+    assert compare(log_model(0.0), log_model(0.5), data, None).passed  # finite differences: figures only
+    broken = compare(log_model(0.0), log_model(-5.0), data, None)
+    assert not broken.passed and "non-finite" in broken.describe()
+
+
+def test_tolerances_that_cannot_judge_are_refused(model, tmp_path, capsys):
+    """`--rtol nan` made every comparison false: a model with a ruined weight passed."""
+    for kwargs in ({"rtol": float("nan")}, {"atol": float("inf")}, {"rtol": -1e-4}, {"min_cosine": 1.5},
+                   {"max_top1_drop": -1.0}, {"min_cosine": float("nan")}):
+        with pytest.raises(BadInputError, match="tolerance"):
+            Tolerance(**kwargs)
+    assert Tolerance(rtol=0, atol=0, min_cosine=-1.0, max_top1_drop=0).is_set
+    from onnxcomp.cli import main
+    from onnxcomp.model import save_model
+
+    ref = save_model(model, tmp_path / "ref.onnx")
+    bad = save_model(perturb(model, "w2", (0, 0, 0, 0), 1.0), tmp_path / "bad.onnx")
+    assert main(["validate", str(ref), str(bad), "--rtol", "nan", "--atol", "nan"]) == 2
+    assert "expected a finite number" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from onnxcomp.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, OnnxcompError
+from onnxcomp.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, OnnxcompError, first_line
 
 VERBS = ["optimize", "passes", "zoo", "validate", "bench", "inspect"]
 
@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except OnnxcompError as exc:
-        print(f"onnxcomp: {type(exc).__name__ if exc.exit_code == EXIT_INTERNAL else 'error'}: {exc}", file=sys.stderr)
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # always one line
+        print(f"onnxcomp: {type(exc).__name__ if exc.exit_code == EXIT_INTERNAL else 'error'}: {text}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("onnxcomp: interrupted", file=sys.stderr)
@@ -63,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # an internal error: one line unless asked for the traceback
         if os.environ.get("ONNXCOMP_TRACEBACK"):
             raise
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        print(f"onnxcomp: internal error: {type(exc).__name__}: {first} (ONNXCOMP_TRACEBACK=1 for details)", file=sys.stderr)
+        print(f"onnxcomp: internal error: {type(exc).__name__}: {first_line(exc, 300)} (ONNXCOMP_TRACEBACK=1 for details)",
+              file=sys.stderr)
         return EXIT_INTERNAL
 
 

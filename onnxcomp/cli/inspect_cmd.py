@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from onnxcomp.cli.common import human_count, print_json, table
+
+if TYPE_CHECKING:
+    from onnxcomp.analysis import Inspection
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def render(result) -> str:
+def render(result: Inspection) -> str:
+    """The per-layer table, then the totals table."""
     total = result.macs or 0
     rows = []
     for layer in result.layers:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from onnxcomp.cli.common import (
     add_data_flags,
@@ -15,6 +15,9 @@ from onnxcomp.cli.common import (
     tolerance_from_args,
 )
 from onnxcomp.errors import BadInputError, ValidationFailed
+
+if TYPE_CHECKING:
+    from onnxcomp.pipeline import Report
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (same seed, same bytes)")
     p.add_argument("--report", default=None, help="write the full per-layer report as JSON here")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout instead of tables")
-    p.add_argument("--validate", action="store_true", help="check the final model against the input")
+    p.add_argument("--validate", action="store_true",
+                   help="check the final model against the input (implied by a tolerance flag)")
     p.add_argument("--validate-each", action="store_true", help="check after every pass")
     p.add_argument("--on-fail", choices=["stop", "rollback"], default="stop",
                    help="with --validate-each: stop (exit 1) or roll back the worst layers of a failing pass")
@@ -42,14 +46,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from onnxcomp.model import load_model, save_model
+    from onnxcomp.model import check_output_path, load_model, save_model
     from onnxcomp.passes.base import Context
     from onnxcomp.pipeline import Pipeline
     from onnxcomp.progress import Progress
     from onnxcomp.shapes import parse_input_shapes
 
-    if Path(args.output).exists() and Path(args.input).exists() and Path(args.output).resolve() == Path(args.input).resolve():
-        raise BadInputError(f"{args.output}: refusing to overwrite the input model; choose another output path")
+    if args.on_fail == "rollback" and not args.validate_each:
+        raise BadInputError("--on-fail rollback needs --validate-each (it undoes layers of a failing pass)")
+    # Refuse unusable output paths before any work (and before the model is written).
+    check_output_path(args.output, protect=(args.input,))
+    if args.report:
+        check_output_path(args.report, protect=(args.input,))
+        if Path(args.report).resolve() == Path(args.output).resolve():
+            raise BadInputError(f"{args.report}: the report and the model cannot be the same file")
     spec = args.recipe or args.pipeline or "normalize"
     pipeline = Pipeline.parse(spec, normalize=not args.no_normalize)
     model = load_model(args.input)
@@ -61,9 +71,11 @@ def run(args: argparse.Namespace) -> int:
         source = open_source(args.data, model=model, input_shapes=shapes, batch_size=args.batch_size, limit=args.samples)
     ctx = Context(data=source, seed=args.seed, input_shapes=shapes, progress=Progress(enabled=None if not args.quiet else False))
     tolerance = tolerance_from_args(args)  # None: figures only, no verdict
+    # A tolerance nobody checks would read as a promise: a tolerance flag alone checks the final model.
+    validate = args.validate or (tolerance is not None and not args.validate_each)
     try:
         out_model, report = pipeline.run(
-            model, ctx, tolerance=tolerance, validate=args.validate, validate_each=args.validate_each, on_fail=args.on_fail
+            model, ctx, tolerance=tolerance, validate=validate, validate_each=args.validate_each, on_fail=args.on_fail
         )
     except ValidationFailed as exc:
         if exc.report is not None:
@@ -76,17 +88,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _emit(args: argparse.Namespace, report) -> None:
+def _emit(args: argparse.Namespace, report: Report) -> None:
     if args.report:
-        tmp = Path(args.report)
-        tmp.write_text(report.to_json())
+        from onnxcomp.model import save_text
+
+        save_text(args.report, report.to_json() + "\n", protect=(args.input,))
     if args.json:
         print_json(report.as_dict())
         return
     print(render_report(report))
 
 
-def render_report(report) -> str:
+def render_report(report: Report) -> str:
     """Human tables: one line per pass, then before/after totals, then skipped-layer reasons."""
     lines = [f"pipeline: {report.pipeline}  (seed {report.seed}, {report.seconds:.1f}s)", ""]
     rows = []
@@ -100,7 +113,8 @@ def render_report(report) -> str:
     for key, label in (("params", "params"), ("macs", "MACs"), ("bytes", "file bytes")):
         before, after = b.get(key), a.get(key)
         ratio = (before / after) if before and after else None
-        size_rows.append([label, human_count(before), human_count(after), f"{ratio:.2f}x" if ratio else "-"])
+        shown = "-" if not ratio else (f"{ratio:.2f}x" if ratio >= 0.01 else f"{ratio:.2g}x")  # growth shows too
+        size_rows.append([label, human_count(before), human_count(after), shown])
     lines.append(table(size_rows, ["", "before", "after", "reduction"]))
     reasons: dict[str, int] = {}
     for p in report.passes:
@@ -114,12 +128,36 @@ def render_report(report) -> str:
         lines.extend(f"  {k}: {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
     if report.validation:
         lines.append("")
-        lines.append(f"validation: {_validation_word(report.validation)}  {json.dumps(report.validation.get('summary', {}))}")
+        lines.extend(render_validation(report.validation))
     return "\n".join(lines)
 
 
-def _validation_word(v) -> str:
+def render_validation(v: dict) -> list[str]:
+    """The final check in words: verdict (or "figures only" without a tolerance) and key figures."""
+    s = v.get("summary", {})
+    verdict = _validation_word(v)
+    figures = []
+    if s.get("min_cosine") is not None:
+        figures.append(f"min cosine {s['min_cosine']:.6f}")
+    if s.get("min_sqnr_db") is not None:
+        figures.append(f"SQNR {s['min_sqnr_db']:.1f} dB")
+    if s.get("max_abs_err") is not None:
+        figures.append(f"max abs err {s['max_abs_err']:.3g}")
+    if s.get("top1_agreement") is not None:
+        figures.append(f"top-1 agreement {s['top1_agreement']:.2f}%")
+    if s.get("ref_top1_acc") is not None:
+        figures.append(f"accuracy {s['ref_top1_acc']:.2f}% -> {s['cand_top1_acc']:.2f}%")
+    lines = [f"validation: {verdict} on {v.get('samples')} samples of {v.get('data')}"]
+    lines.append("  " + ", ".join(figures))
+    if s.get("worst_layer"):
+        lines.append(f"  largest error at layer output: {s['worst_layer']}")
+    return lines
+
+
+def _validation_word(v: dict | None) -> str:
     if not v:
         return "-"
-    return "pass" if v.get("passed") else "FAIL"
+    if not v.get("passed"):
+        return "FAIL"
+    return "pass" if v.get("tolerance") else "figures only (no tolerance given)"
 

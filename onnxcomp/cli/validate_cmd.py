@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from typing import TYPE_CHECKING
 
 from onnxcomp.cli.common import add_data_flags, add_tolerance_flags, print_json, table, tolerance_from_args
 from onnxcomp.tolerance import EXACT
+
+if TYPE_CHECKING:
+    from onnxcomp.validation import Check
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,16 +43,17 @@ def run(args: argparse.Namespace) -> int:
     from onnxcomp.data import open_source, random_source
     from onnxcomp.model import load_model
     from onnxcomp.shapes import parse_input_shapes
-    from onnxcomp.validation import RANDOM_SAMPLES, compare
+    from onnxcomp.validation import RANDOM_SAMPLES, batch_model, compare
 
     ref = load_model(args.reference)
     cand = load_model(args.candidate)
     shapes = parse_input_shapes(args.input_shape)
+    fit = batch_model(ref, cand)  # batches must suit the model that fixes its batch dim, if one does
     if args.data:
-        source = open_source(args.data, model=ref, input_shapes=shapes, batch_size=args.batch_size, limit=args.samples)
+        source = open_source(args.data, model=fit, input_shapes=shapes, batch_size=args.batch_size, limit=args.samples)
     else:
-        n = args.samples or RANDOM_SAMPLES
-        source = random_source(ref, shapes, samples=n, batch_size=min(args.batch_size, n), seed=args.seed)
+        n = RANDOM_SAMPLES if args.samples is None else args.samples
+        source = random_source(fit, shapes, samples=n, batch_size=min(args.batch_size, max(n, 1)), seed=args.seed)
     tolerance = tolerance_from_args(args, default=EXACT)
     print(f"comparing on {source.description} ...", file=sys.stderr)
     check = compare(ref, cand, source, tolerance, threads=args.threads)
@@ -59,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if check.passed else 1
 
 
-def render_check(check) -> str:
+def render_check(check: Check) -> str:
     """A table of the per-output figures, then the verdict line."""
     rows = []
     for o in check.outputs:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import types
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -93,7 +94,7 @@ class PassConfig:
 
 def _coerce(raw: Any, typ: Any, where: str) -> Any:
     origin = typing.get_origin(typ)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X] or X | None
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         if raw is None or (isinstance(raw, str) and raw.lower() == "none"):
             return None

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from onnxcomp.analysis import layer_costs
+from onnxcomp.data import model_inputs
 from onnxcomp.graph import GraphIndex, node_label, opset_version
 from onnxcomp.passes.base import (
     REWRITTEN,
@@ -82,7 +83,8 @@ class Int8Pass(Pass):
         if not selected:
             return PassResult(model, layers, figures)
 
-        reader = _CalibrationReader(ctx, cfg.samples)
+        fixed = {spec.fixed_batch for spec in model_inputs(work)} - {None}
+        reader = _CalibrationReader(ctx, cfg.samples, min(fixed) if fixed else None)
         method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                   "percentile": CalibrationMethod.Percentile}[cfg.calibrate]
         with tempfile.TemporaryDirectory(prefix="onnxcomp-int8-") as tmp:
@@ -104,7 +106,7 @@ class Int8Pass(Pass):
             out = onnx.load(str(dst))
         figures.update({"calibration_samples": reader.count, "per_channel": per_channel})
 
-        costs = {c.node: c for c in layer_costs(model, ctx.input_shapes)}
+        costs = {c.node: c for c in layer_costs(work, ctx.input_shapes)}  # `work` carries the node names
         qindex = GraphIndex(out)
         for node in out.graph.node:
             if node.name not in selected:
@@ -124,29 +126,34 @@ class Int8Pass(Pass):
 
 
 class _CalibrationReader:
-    """onnxruntime's CalibrationDataReader protocol over a DataSource, one sample at a time so
-    models with a fixed batch of 1 calibrate too."""
+    """onnxruntime's CalibrationDataReader protocol over a DataSource, capped at `limit` samples.
 
-    def __init__(self, ctx: Context, limit: int):
-        self._iter = self._samples(ctx, limit)
+    A model whose batch dim is free is fed one sample at a time; one that fixes it to B (the data
+    source then yields batches of exactly B) is fed whole batches, as it cannot take anything else.
+    `count` is the number of samples fed.
+    """
+
+    def __init__(self, ctx: Context, limit: int, fixed_batch: int | None = None):
+        self._iter = self._feeds(ctx, limit, fixed_batch)
         self.count = 0
 
-    @staticmethod
-    def _samples(ctx: Context, limit: int) -> Iterator[dict[str, np.ndarray]]:
-        produced = 0
+    def _feeds(self, ctx: Context, limit: int, fixed_batch: int | None) -> Iterator[dict[str, np.ndarray]]:
         for feeds, _labels in ctx.data.batches():
             n = len(next(iter(feeds.values())))
-            for i in range(n):
-                if produced >= limit:
+            if fixed_batch is not None:
+                if self.count >= limit:
                     return
-                produced += 1
+                self.count += n
+                yield feeds
+                continue
+            for i in range(n):
+                if self.count >= limit:
+                    return
+                self.count += 1
                 yield {k: v[i : i + 1] for k, v in feeds.items()}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        item = next(self._iter, None)
-        if item is not None:
-            self.count += 1
-        return item
+        return next(self._iter, None)
 
     def rewind(self) -> None:  # part of the protocol; a single pass is all quantize_static needs
         pass

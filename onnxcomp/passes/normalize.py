@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxcomp.errors import BadInputError
+from onnxcomp.errors import BadInputError, first_line
 from onnxcomp.graph import attr, node_label, opset_version
 from onnxcomp.model import runtime_compatible
 from onnxcomp.passes.base import (
@@ -749,17 +749,7 @@ class _Normalizer:
         new_conv = self._rebuilt_conv(conv, new_w, new_b, bn.output[0], nodes, uses, True)
         for i in bn.input[1:5]:
             uses[i] -= 1
-        self.layers.append(
-            LayerRecord(
-                node=node_label(conv),
-                op=conv.op_type,
-                action=REWRITTEN,
-                params_before=params_before,
-                params_after=int(new_w.size + new_b.size),
-                output=bn.output[0],
-                figures={"folded": "BatchNormalization", "folded_node": node_label(bn)},
-            )
-        )
+        self._record_fold(conv, bn, params_before, new_w, new_b)
         return new_conv
 
     def _fold_affine(
@@ -811,6 +801,13 @@ class _Normalizer:
         params_before = int(w.size + (b.size if b is not None else 0) + v.size)
         new_conv = self._rebuilt_conv(conv, new_w, new_b, op.output[0], nodes, uses, w_changed)
         uses[other] -= 1
+        self._record_fold(conv, op, params_before, new_w, new_b)
+        return new_conv
+
+    def _record_fold(
+        self, conv: onnx.NodeProto, folded: onnx.NodeProto, params_before: int, new_w: np.ndarray, new_b: np.ndarray
+    ) -> None:
+        """The report line of a conv that absorbed `folded`; the layer now writes `folded`'s output."""
         self.layers.append(
             LayerRecord(
                 node=node_label(conv),
@@ -818,11 +815,10 @@ class _Normalizer:
                 action=REWRITTEN,
                 params_before=params_before,
                 params_after=int(new_w.size + new_b.size),
-                output=op.output[0],
-                figures={"folded": op.op_type, "folded_node": node_label(op)},
+                output=folded.output[0],
+                figures={"folded": folded.op_type, "folded_node": node_label(folded)},
             )
         )
-        return new_conv
 
     def selection_reason_for(self, conv: onnx.NodeProto) -> str | None:
         reason = self.owner.selection_reason(conv)
@@ -913,7 +909,7 @@ class _Normalizer:
                 inferred = onnx.shape_inference.infer_shapes(skel, strict_mode=False, data_prop=data_prop)
                 break
             except Exception as exc:
-                error = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                error = first_line(exc)
         if inferred is None:
             return f"failed: {error}"
         skip = {vi.name for vi in g.input} | {vi.name for vi in g.output} | {t.name for t in g.initializer}
