@@ -10,9 +10,10 @@ Pure numpy / scipy / tensorly; nothing here knows about ONNX. Conventions:
   mode is the two-layer KxK (S -> r_out) + 1x1 (r_out -> T) chain, which for a 1x1 conv or a dense
   matrix is exactly the truncated SVD.
 - Costs are in MACs. `ChainCost` counts a chain's MACs from per-sample input/output positions.
-- Errors are relative squared Frobenius errors ||W - W_hat||^2 / ||W||^2. For rank selection we use
-  the truncated-HOSVD bound tail_out(r_out) + tail_in(r_in) (the energy each mode discards), which is
-  cheap for every rank pair and exact for single-mode (SVD) truncation.
+- Errors are relative squared Frobenius errors ||W - W_hat||^2 / ||W||^2. To rank many candidate
+  rank pairs cheaply we estimate a pair's error from the energy each mode discards
+  (tail_out, tail_in) as 1 - (1 - tail_out)(1 - tail_in): exact for single-mode (SVD) truncation,
+  and between max(tail_out, tail_in) and the truncated-HOSVD bound tail_out + tail_in otherwise.
 """
 
 from __future__ import annotations
@@ -44,6 +45,81 @@ def mode_energy(tensor: np.ndarray, mode: int) -> np.ndarray:
     return out
 
 
+# Unfoldings with more elements than this get their Gram matrix in float32 (half the time of a
+# float64 GEMM; the eigendecomposition itself stays float64). The Gram's rounding error only blurs
+# singular values below ~1e-3 of the largest, which neither rank rule nor the factors care about.
+_F32_GRAM_ELEMENTS = 2**22
+
+
+class ModeBasis:
+    """Singular spectrum and (on demand) leading left singular vectors of one mode unfolding.
+
+    Built from one Gram matrix of the unfolding (the smaller side); `energy` (length = the mode
+    size, zero-padded) are the squared singular values, descending; `vectors(r)` returns the top r
+    left singular vectors as orthonormal columns (r is capped at min(rows, cols)), computing only
+    those eigenvectors. Shared by rank selection (spectrum, EVBMF) and the HOSVD initialisation.
+    """
+
+    def __init__(self, unfolding: np.ndarray):
+        m = np.asarray(unfolding)
+        rows, cols = m.shape
+        work = m.astype(np.float32 if m.size > _F32_GRAM_ELEMENTS else np.float64, copy=False)
+        self._wide = rows <= cols
+        self._m = None if self._wide else np.asarray(m, dtype=np.float64)
+        gram = work @ work.T if self._wide else work.T @ work
+        self._gram = np.asarray(gram, dtype=np.float64)
+        self._rows = rows
+        self._energy: np.ndarray | None = None
+        self._cache: np.ndarray | None = None
+
+    @property
+    def energy(self) -> np.ndarray:
+        """Squared singular values, descending, zero-padded to the mode size (computed on first use)."""
+        if self._energy is None:
+            vals = np.maximum(np.linalg.eigvalsh(self._gram)[::-1], 0.0)
+            self._energy = np.zeros(self._rows)
+            self._energy[: vals.size] = vals
+        return self._energy
+
+    @property
+    def max_rank(self) -> int:
+        return int(self._gram.shape[0])
+
+    def vectors(self, r: int) -> np.ndarray:
+        r = int(min(max(r, 1), self.max_rank))
+        if self._cache is not None and self._cache.shape[1] >= r:
+            return self._cache[:, :r]
+        n = self.max_rank
+        if r == n or self._energy is None and r > n // 2:
+            vals, vecs = np.linalg.eigh(self._gram)
+            if self._energy is None:  # one full eigendecomposition serves both
+                self._energy = np.zeros(self._rows)
+                self._energy[:n] = np.maximum(vals[::-1], 0.0)
+        else:
+            from scipy.linalg import eigh
+
+            vals, vecs = eigh(self._gram, subset_by_index=[n - r, n - 1])
+        vecs = vecs[:, ::-1]
+        if self._wide:
+            u = vecs
+        else:  # left vectors of a tall unfolding: orthonormalise M V (robust to zero singular values)
+            u, _ = np.linalg.qr(self._m @ vecs)
+        self._cache = _fix_signs(u)
+        return self._cache[:, :r]
+
+
+def mode_basis(tensor: np.ndarray, mode: int) -> ModeBasis:
+    """`ModeBasis` of the mode-`mode` unfolding of `tensor`."""
+    return ModeBasis(unfold(np.asarray(tensor), mode))
+
+
+def _fix_signs(u: np.ndarray) -> np.ndarray:
+    """Deterministic signs: the largest-magnitude entry of each column is positive."""
+    sign = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(u.shape[1])])
+    sign[sign == 0] = 1.0
+    return u * sign
+
+
 def tail_fraction(energy: np.ndarray) -> np.ndarray:
     """tail[r] = share of total energy discarded when keeping the top r components (r = 0..n)."""
     e = np.asarray(energy, dtype=np.float64)
@@ -62,6 +138,12 @@ def evbmf_mode_rank(tensor: np.ndarray, mode: int) -> int:
     m = unfold(np.asarray(tensor, dtype=np.float64), mode)
     energy = mode_energy(tensor, mode)[: min(m.shape)]
     return evbmf_spectrum(np.sqrt(energy), m.shape).rank
+
+
+def evbmf_energy_rank(energy: np.ndarray, shape: tuple[int, int]) -> int:
+    """EVBMF rank from the squared singular values of a matrix of `shape` (extra zeros ignored)."""
+    n = min(shape)
+    return evbmf_spectrum(np.sqrt(np.maximum(np.asarray(energy, dtype=np.float64)[:n], 0.0)), shape).rank
 
 
 def fraction_rank(dim: int, fraction: float) -> int:
@@ -168,50 +250,64 @@ def tucker_decompose(
     r_out: int | None,
     r_in: int | None,
     *,
-    n_iter_max: int = 30,
+    n_iter_max: int = 10,
     tol: float = 1e-6,
-    seed: int = 0,
+    bases: dict[int, ModeBasis] | None = None,
 ) -> Tucker:
     """Tucker decomposition of W (T, S, *k) on the modes whose rank is not None.
 
     Both modes: HOSVD initialisation + HOOI on modes [0, 1] (the algorithm of tensorly's
     `partial_tucker`, see `_hooi2`). One mode: the truncated SVD of that mode's unfolding (optimal,
-    no iteration). Ranks are clamped to the mode sizes. `seed` is accepted for API stability; the
-    computation is deterministic.
+    no iteration). Ranks are clamped to the mode sizes. `bases` may hold precomputed `mode_basis`
+    results by mode (they are reused instead of recomputed). Deterministic.
     """
-    w = np.asarray(weight, dtype=np.float64)
+    # Large layers (dense 4096 x 25088) are projected in float32: the result is stored as float32
+    # anyway, and float64 copies would cost gigabytes and seconds.
+    w = np.asarray(weight)
+    w = w.astype(np.float32 if w.size > _F32_GRAM_ELEMENTS else np.float64, copy=False)
     T, S = w.shape[:2]
+    bases = dict(bases or {})
     if r_out is not None:
         r_out = int(min(max(r_out, 1), T))
     if r_in is not None:
         r_in = int(min(max(r_in, 1), S))
+
+    def top(mode: int, r: int) -> np.ndarray:
+        if mode not in bases:
+            bases[mode] = mode_basis(w, mode)
+        u = bases[mode].vectors(r).astype(w.dtype, copy=False)
+        if u.shape[1] < r:  # the unfolding has fewer columns than the rank: complete the basis
+            q, _ = np.linalg.qr(np.concatenate([u, np.eye(u.shape[0])], axis=1))
+            u = np.concatenate([u, q[:, u.shape[1] : r]], axis=1)
+        return u
+
     if r_out is not None and r_in is not None:
-        dec = _hooi2(w, r_out, r_in, n_iter_max, tol)
+        dec = _hooi2(w, top(0, r_out), top(1, r_in), n_iter_max, tol)
     elif r_out is not None:
-        u = _top_left_vectors(unfold(w, 0), r_out)
-        core = np.tensordot(u.T, w, axes=(1, 0))
-        dec = Tucker(core, u, None, 0.0)
+        u = top(0, r_out)
+        dec = Tucker(np.tensordot(u.T, w, axes=(1, 0)), u, None, 0.0)
     elif r_in is not None:
-        u = _top_left_vectors(unfold(w, 1), r_in)
-        core = np.moveaxis(np.tensordot(u.T, w, axes=(1, 1)), 0, 1)
-        dec = Tucker(core, None, u, 0.0)
+        u = top(1, r_in)
+        dec = Tucker(np.moveaxis(np.tensordot(u.T, w, axes=(1, 1)), 0, 1), None, u, 0.0)
     else:
         dec = Tucker(w.copy(), None, None, 0.0)
-    dec.error = relative_error(w, dec.reconstruct())
+    # Orthonormal factors make W_hat an orthogonal projection of W: ||W - W_hat||^2 = ||W||^2 - ||core||^2.
+    norm2 = float(np.sum(np.square(w, dtype=np.float64)))
+    kept = float(np.sum(np.square(dec.core, dtype=np.float64)))
+    dec.error = max(norm2 - kept, 0.0) / norm2 if norm2 > 0 else 0.0
     return dec
 
 
-def _hooi2(w: np.ndarray, r_out: int, r_in: int, n_iter_max: int, tol: float) -> Tucker:
-    """Higher-order orthogonal iteration on modes 0 and 1 of w (T, S, *k).
+def _hooi2(w: np.ndarray, u_out: np.ndarray, u_in: np.ndarray, n_iter_max: int, tol: float) -> Tucker:
+    """Higher-order orthogonal iteration on modes 0 and 1 of w (T, S, *k) from HOSVD factors.
 
     Same algorithm and result as tensorly 0.10 `partial_tucker(w, [r_out, r_in], modes=[0, 1],
     init="svd")` (tested against it), but every SVD goes through `gram_svd`: tensorly's HOOI loop
     ignores its `svd=` argument and calls a full LAPACK SVD, which on this 2-core machine under load
     took 10-30x longer (vgg16 alone would need minutes).
     """
+    r_out, r_in = u_out.shape[1], u_in.shape[1]
     norm2 = float(np.sum(w * w))
-    u_out = gram_svd(unfold(w, 0), r_out)[0]
-    u_in = gram_svd(unfold(w, 1), r_in)[0]
     prev = None
     for _ in range(max(n_iter_max, 0)):
         y = np.tensordot(u_in.T, w, axes=(1, 1))  # (r_in, T, *k)
@@ -228,39 +324,25 @@ def _hooi2(w: np.ndarray, r_out: int, r_in: int, n_iter_max: int, tol: float) ->
     return Tucker(core, u_out, u_in, 0.0)
 
 
-def gram_svd(matrix: np.ndarray, n_eigenvecs: int | None = None, **_: object):
-    """Truncated SVD through the eigendecomposition of the smaller Gram matrix.
+def gram_svd(matrix: np.ndarray, rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top `rank` left singular vectors U (m, r) and singular values (r,) of a matrix, through the
+    eigendecomposition of the smaller Gram matrix.
 
     Conv unfoldings are short and wide (T x S*k*k); eigh of the T x T Gram is ~10x faster than a
-    full SVD and accurate for the leading vectors. Signature matches tensorly's SVD functions, so
-    it can be passed as `svd=` to `partial_tucker`. Returns U (m, r), S (r,), V (r, n).
+    LAPACK SVD and accurate for the leading vectors. Signs are made deterministic.
     """
     m = np.asarray(matrix, dtype=np.float64)
     rows, cols = m.shape
-    r = min(rows, cols) if n_eigenvecs is None else min(int(n_eigenvecs), rows, cols)
+    r = min(rows, cols) if rank is None else min(int(rank), rows, cols)
     if rows <= cols:
         vals, vecs = np.linalg.eigh(m @ m.T)
         u = vecs[:, ::-1][:, :r]
         s = np.sqrt(np.maximum(vals[::-1][:r], 0.0))
-        v = (u.T @ m) / np.where(s > 0, s, 1.0)[:, None]
     else:
         vals, vecs = np.linalg.eigh(m.T @ m)
-        vt = vecs[:, ::-1][:, :r]
         s = np.sqrt(np.maximum(vals[::-1][:r], 0.0))
-        u = (m @ vt) / np.where(s > 0, s, 1.0)[None, :]
-        v = vt.T
-    # Deterministic signs: the largest-magnitude entry of each left vector is positive.
-    sign = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(u.shape[1])])
-    sign[sign == 0] = 1.0
-    return u * sign, s, v * sign[:, None]
-
-
-def _top_left_vectors(m: np.ndarray, r: int) -> np.ndarray:
-    u = gram_svd(m, r)[0]
-    if u.shape[1] < r:  # fewer columns than the rank asked: complete with an orthonormal basis
-        q, _ = np.linalg.qr(np.concatenate([u, np.eye(m.shape[0])], axis=1))
-        u = q[:, :r]
-    return u
+        u, _ = np.linalg.qr(m @ vecs[:, ::-1][:, :r])
+    return _fix_signs(u), s
 
 
 def truncated_svd(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -308,7 +390,7 @@ def rank_options(
                 continue
             r_out = None if ro == T else ro
             r_in = None if (tail_in is None or ri == S) else ri
-            err = float(tail_out[ro]) + (float(tail_in[ri]) if tail_in is not None else 0.0)
+            err = _pair_error(float(tail_out[ro]), float(tail_in[ri]) if tail_in is not None else 0.0)
             opts.append(RankOption(r_out, r_in, cost.tucker(r_out, r_in), err))
     opts.sort(key=lambda o: (o.macs, o.error))
     front: list[RankOption] = []
@@ -318,6 +400,14 @@ def rank_options(
             front.append(o)
             best = o.error
     return front
+
+
+def _pair_error(tail_out: float, tail_in: float) -> float:
+    """Estimated relative error of truncating two modes that discard tail_out / tail_in of their
+    energy: 1 - (1 - tail_out)(1 - tail_in), i.e. the kept shares multiply. Exact for a single mode
+    and when the two modes' energy is spread independently (e.g. iid weights); between
+    max(tails) and their sum (the HOSVD bound) in general."""
+    return 1.0 - (1.0 - tail_out) * (1.0 - tail_in)
 
 
 def best_under(options: Sequence[RankOption], max_macs: float) -> RankOption | None:

@@ -1,0 +1,690 @@
+"""`tucker`: low-rank decomposition of Conv / Gemm / MatMul layers (Kim et al., ICLR 2016).
+
+Per layer, by shape:
+
+* KxK conv with more than `first_layer` input channels -> **Tucker-2** on the output and input
+  channel modes: `Conv 1x1 (S->R_in)`, `Conv KxK (R_in->R_out, original stride/pads/dilation/auto_pad)`,
+  `Conv 1x1 (R_out->T, original bias)`, nodes `<name>/tucker_in`, `/tucker_core`, `/tucker_out`.
+  A mode whose rank comes out full is dropped (its factor would be a square matrix that costs MACs
+  and saves nothing) unless both are full (only possible when `min_gain` allows growth; useful to
+  check the rewrite itself).
+* KxK conv with few input channels (the RGB stem) -> **Tucker-1** on the output mode only:
+  `/tucker_core` (S->R_out, original geometry) + `/tucker_out` (1x1, R_out->T).
+* 1x1 conv, Gemm, MatMul with a constant 2-D right operand -> **truncated SVD** into two layers,
+  `<name>/svd_a` (carries the original stride for a conv; Gemm's alpha is scaled into it) and
+  `<name>/svd_b` (carries the bias; a Gemm keeps its `C` and `beta`). Off with `svd=off`.
+
+The last node of every chain writes the layer's original output tensor, so validation can compare
+it and roll a layer back. Grouped / depthwise convs are skipped: a depthwise conv has no channel
+mixing to factor, and per-group decomposition is not implemented.
+
+**Rank rules** (`rank=`), per decomposed mode of size R (R = the unfolding's maximal rank):
+`evbmf` — analytic empirical VBMF (onnxcomp.linalg.vbmf) of the mode unfolding, softened by
+`weaken` w as MUSCO does: r = R - w (R - r_evbmf) (w = 1 raw EVBMF, w = 0 full rank); a layer whose
+raw EVBMF rank is 0 at w = 1 is skipped (its weights are indistinguishable from noise).
+`<f>` — ceil(f R). `energy:<e>` — the fewest components holding a share e of the mode's spectrum.
+`macs:<m>` — the rank pair, on the grid of multiples of `round`, with the least estimated
+reconstruction error (from the energy each mode discards, see onnxcomp.linalg.decompose) whose
+chain costs at most m times the layer's MACs. Ranks are then rounded to the nearest multiple of `round` (MLAS runs multiples of
+16/32 much faster) and clamped to [max(min_rank, round), R]. A layer is skipped unless the chain cuts
+its MACs by at least `min_gain`.
+
+**Global budget** (`budget=macs:<f>`, overrides `rank`): the model's total Conv/Gemm/MatMul MACs
+must fall to f times the original. Each decomposable layer offers its Pareto front of (MACs,
+relative reconstruction error) over rank pairs on the `round` grid (only options that save at least
+`min_gain` of the layer). Starting from nothing decomposed, a greedy loop repeatedly takes the single
+move — one layer to a cheaper option — with the smallest increase of error per MAC saved, until the
+total meets the target or no move is left (the achieved ratio is in the pass figures). Errors are
+relative per layer, so every layer counts the same however large it is. Needs static spatial shapes
+(the model's or `--input-shape`).
+
+**Data-aware refit** (`refit=on`, needs `--data`): the layer's original output Y and the output Z
+of its chain up to the last layer, both computed from the layer's *original* input on the
+calibration data (one onnxruntime run of the original model with the truncated chains attached as
+probes), give a least-squares problem min ||Y - (W Z + b)||^2 for the last 1x1 layer's weights and
+bias, solved from accumulated normal equations (bounded memory; `positions` rows sampled per batch
+with the run's seeded rng). This replaces the paper's fine-tuning for what a linear refit can do: it
+re-mixes the kept components and re-centres the output (absorbing the mean of what was truncated),
+but cannot recover information the first layers threw away, and it fits each layer to exact
+inputs, so errors that accumulate across layers are not compensated.
+
+**Response PCA** (`method=response`, needs `--data`; Zhang et al., TPAMI 2016): instead of
+factoring the weights, take the top principal directions P (T x r) of each layer's output responses
+on the calibration data and rewrite y = W x + b as y ~= P (P^T W) x + [m + P P^T (b - m)] (m the mean
+response): a KxK/1x1 conv `P^T W` with the original geometry followed by a 1x1 `P` with the new bias
+(two layers, like Tucker-1). On trained compact nets the responses are far more low-rank than the
+weights. The rank rules read the response spectrum (evbmf on the sampled response matrix).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxcomp import costs
+from onnxcomp.errors import BadInputError
+from onnxcomp.graph import (
+    ConvLayer,
+    DenseLayer,
+    GraphEditor,
+    GraphIndex,
+    attr,
+    make_node,
+    node_label,
+    read_conv,
+    read_dense,
+)
+from onnxcomp.linalg import decompose as dec
+from onnxcomp.linalg.vbmf import evbmf_spectrum
+from onnxcomp.passes.base import (
+    REWRITTEN,
+    SKIPPED,
+    Context,
+    LayerRecord,
+    Pass,
+    PassConfig,
+    PassResult,
+    option,
+)
+
+_RANK_RE = re.compile(r"^(?:evbmf|(?:energy|macs):[0-9.eE+-]+|[0-9.eE+-]+)$")
+
+
+@dataclass
+class TuckerConfig(PassConfig):
+    rank: str = option("evbmf", "rank rule: evbmf | <fraction of each mode> | energy:<share kept> | macs:<layer MACs fraction>")
+    weaken: float = option(1.0, "with rank=evbmf: r = R - w (R - r_evbmf); 1 = raw EVBMF, 0 = full rank")
+    round: int = option(16, "round ranks to a multiple of this (MLAS is fastest on multiples of 16/32); 1 = off")
+    min_rank: int = option(1, "smallest rank per decomposed mode")
+    svd: bool = option(True, "decompose 1x1 convs and Gemm/MatMul by truncated SVD (two layers)")
+    min_gain: float = option(0.10, "skip a layer unless its MACs drop by at least this fraction (negative allows growth)")
+    refit: bool = option(False, "least-squares refit of each chain's last layer on --data")
+    budget: str = option("", "global target macs:<f>: per-layer ranks so the model's MACs fall to f (overrides rank)")
+    method: str = option("weights", "weights: factor the weights; response: PCA of the layer outputs on --data",
+                         choices=("weights", "response"))
+    first_layer: int = option(4, "convs with at most this many input channels get Tucker-1 (output mode only)")
+    positions: int = option(4096, "rows (sample x position) drawn per batch per layer for refit / response (0 = all)")
+    iterations: int = option(10, "HOOI iterations after the HOSVD initialisation of Tucker-2")
+
+    def validate(self) -> None:
+        super().validate()
+        parse_rank(self.rank)
+        if not 0.0 <= self.weaken <= 1.0:
+            raise ValueError(f"weaken={self.weaken}: must be in [0, 1]")
+        if self.round < 1:
+            raise ValueError(f"round={self.round}: must be >= 1")
+        if self.min_rank < 1:
+            raise ValueError(f"min_rank={self.min_rank}: must be >= 1")
+        if not self.min_gain < 1.0:
+            raise ValueError(f"min_gain={self.min_gain}: must be < 1")
+        if self.budget:
+            parse_budget(self.budget)
+        if self.first_layer < 0:
+            raise ValueError(f"first_layer={self.first_layer}: must be >= 0")
+        if self.positions < 0:
+            raise ValueError(f"positions={self.positions}: must be >= 0")
+        if self.iterations < 0:
+            raise ValueError(f"iterations={self.iterations}: must be >= 0")
+
+
+def parse_rank(text: str) -> tuple[str, float]:
+    """`evbmf` -> ("evbmf", 0); `0.5` -> ("fraction", 0.5); `energy:0.9`; `macs:0.3`. ValueError if bad."""
+    t = str(text).strip().lower()
+    if t == "evbmf":
+        return "evbmf", 0.0
+    if not _RANK_RE.match(t):
+        raise ValueError(f"rank={text}: expected evbmf, a fraction in (0, 1], energy:<0..1> or macs:<0..1>")
+    kind, _, value = t.rpartition(":")
+    try:
+        v = float(value)
+    except ValueError:
+        raise ValueError(f"rank={text}: '{value}' is not a number") from None
+    kind = kind or "fraction"
+    if kind in ("fraction", "energy") and not 0.0 < v <= 1.0:
+        raise ValueError(f"rank={text}: the value must be in (0, 1]")
+    if kind == "macs" and not 0.0 < v < 1.0:
+        raise ValueError(f"rank={text}: the MACs fraction must be in (0, 1)")
+    return kind, v
+
+
+def parse_budget(text: str) -> float:
+    """`macs:0.3` -> 0.3. ValueError if bad."""
+    kind, _, value = str(text).strip().lower().partition(":")
+    try:
+        v = float(value)
+    except ValueError:
+        v = -1.0
+    if kind != "macs" or not 0.0 < v < 1.0:
+        raise ValueError(f"budget={text}: expected macs:<fraction in (0, 1)>")
+    return v
+
+
+# -- per-layer planning ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """A decomposable layer: its weight in conv form W (T, S, *k) and what may be done with it."""
+
+    node: onnx.NodeProto
+    kind: str  # "tucker2", "tucker1" (output mode only, KxK), "svd" (1x1 conv / dense)
+    weight: np.ndarray  # conv form; for a dense layer (out, in)
+    bias: np.ndarray | None
+    cost: dec.ChainCost
+    static: bool  # cost positions come from known shapes
+    conv: ConvLayer | None = None
+    dense: DenseLayer | None = None
+    params_before: int = 0
+    macs_before: int | None = None
+    figures: dict = field(default_factory=dict)
+    ranks: tuple[int | None, int | None] | None = None
+    # filled by the decomposition:
+    first_w: np.ndarray | None = None  # chain layers, conv form (dense: (out, in) per layer)
+    core_w: np.ndarray | None = None
+    last_w: np.ndarray | None = None
+    last_b: np.ndarray | None = None
+    response: dec.ResponseStats | None = None
+    new_bias: bool = False  # a dense chain's last layer gets its own (fitted) bias
+    bases: dict[int, dec.ModeBasis] = field(default_factory=dict)  # mode -> singular basis (cached)
+
+    @property
+    def name(self) -> str:
+        return node_label(self.node)
+
+class TuckerPass(Pass):
+    name = "tucker"
+    summary = "Tucker-2 / SVD low-rank decomposition of Conv, Gemm, MatMul (EVBMF ranks, MAC budget, data refit)"
+    Config = TuckerConfig
+    default_ops = ("Conv", "Gemm", "MatMul")
+
+    def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        """Decompose every selected layer it can; `model` is left untouched."""
+        from onnxcomp.shapes import static_shapes
+
+        cfg: TuckerConfig = self.config  # type: ignore[assignment]
+        if (cfg.refit or cfg.method == "response") and ctx.data is None:
+            what = "refit=on" if cfg.refit else "method=response"
+            raise BadInputError(f"tucker {what} needs calibration data: give --data")
+        index = GraphIndex(model)
+        shapes = static_shapes(model, ctx.input_shapes)
+        layers: list[LayerRecord] = []
+        plans: list[_Plan] = []
+        for node in self.candidates(model):
+            plan = self._plan(index, node, shapes, cfg)
+            if isinstance(plan, str):
+                layers.append(LayerRecord(node_label(node), node.op_type, SKIPPED, plan,
+                                          output=node.output[0] if node.output else ""))
+            else:
+                plans.append(plan)
+        figures: dict = {"layers_considered": len(layers) + len(plans)}
+        if cfg.method == "response" and plans:
+            self._capture_responses(model, plans, ctx, cfg)
+
+        decided: dict[int, str | None] = {}  # plan index -> skip reason or None (decompose)
+        if cfg.budget:
+            decided = self._allocate_budget(model, plans, ctx=ctx, cfg=cfg, figures=figures)
+        else:
+            for i, plan in enumerate(plans):
+                decided[i] = self._choose_ranks(plan, cfg)
+
+        todo = [p for i, p in enumerate(plans) if decided.get(i) is None]
+        for plan in ctx.progress.iter(todo, "tucker"):
+            self._decompose(plan, cfg)
+        if cfg.refit and todo:
+            self._refit(model, todo, ctx, cfg, figures)
+
+        editor = GraphEditor(model)
+        by_node = {id(p.node): p for p in todo}
+        reasons = {id(p.node): decided.get(i) for i, p in enumerate(plans)}
+        records: dict[int, LayerRecord] = {}
+        for plan in plans:
+            key = id(plan.node)
+            if key in by_node:
+                records[key] = self._rewrite(editor, plan)
+            else:
+                records[key] = LayerRecord(plan.name, plan.node.op_type, SKIPPED, reasons[key] or "not chosen",
+                                           params_before=plan.params_before, macs_before=plan.macs_before,
+                                           output=plan.node.output[0], figures=plan.figures)
+        # Report in graph order.
+        skipped_by_name = {r.node: r for r in layers}
+        ordered: list[LayerRecord] = []
+        for node in self.candidates(model):
+            rec = records.get(id(node)) or skipped_by_name.get(node_label(node))
+            if rec is not None:
+                ordered.append(rec)
+        out = editor.apply() if by_node else model
+        rewritten = [r for r in ordered if r.action == REWRITTEN]
+        figures["rewritten"] = len(rewritten)
+        known = [r for r in rewritten if r.macs_before is not None and r.macs_after is not None]
+        if known:
+            before = sum(r.macs_before for r in known)  # type: ignore[misc]
+            after = sum(r.macs_after for r in known)  # type: ignore[misc]
+            figures["rewritten_macs_ratio"] = round(before / after, 4) if after else None
+        return PassResult(out, ordered, figures)
+
+    # -- planning -------------------------------------------------------------------------------------
+    def _plan(self, index: GraphIndex, node: onnx.NodeProto, shapes: dict, cfg: TuckerConfig) -> _Plan | str:
+        reason = self.selection_reason(node)
+        if reason:
+            return reason
+        if node.op_type == "Conv":
+            layer = read_conv(index, node)
+            if isinstance(layer, str):
+                return layer
+            if layer.group != 1:
+                depthwise = layer.group == layer.in_channels and layer.weight.shape[1] == 1
+                what = "depthwise conv" if depthwise else f"grouped conv (group={layer.group})"
+                return f"{what}: no dense channel mixing to factor (per-group decomposition is not implemented)"
+            w = layer.weight
+            T, S = int(w.shape[0]), int(w.shape[1])
+            ksize = int(math.prod(w.shape[2:]))
+            pointwise = ksize == 1
+            if pointwise and not cfg.svd:
+                return "1x1 conv and svd=off"
+            kind = "svd" if pointwise else ("tucker1" if S <= cfg.first_layer else "tucker2")
+            out_shape = shapes.get(node.output[0])
+            in_shape = shapes.get(node.input[0])
+            static = _known(out_shape) and _known(in_shape)
+            if static:
+                pos_out = math.prod(out_shape) / T  # type: ignore[arg-type]
+                pos_in = math.prod(in_shape) / S  # type: ignore[arg-type]
+            else:
+                pos_out, pos_in = 1.0, float(math.prod(layer.strides))
+            cost = dec.ChainCost(T, S, ksize, pos_in, pos_out)
+            plan = _Plan(node, kind, w, layer.bias, cost, static, conv=layer,
+                         params_before=costs.conv_params(w.shape, layer.bias is not None),
+                         macs_before=costs.conv_macs(w.shape, out_shape))
+            return plan
+        if node.op_type in ("Gemm", "MatMul"):
+            d = read_dense(index, node)
+            if isinstance(d, str):
+                return d
+            if not cfg.svd:
+                return f"{node.op_type} and svd=off"
+            if d.weight.dtype != np.float32:
+                return f"weight dtype {d.weight.dtype} is not float32"
+            S, T = d.weight.shape
+            rows = costs.leading_rows(shapes.get(node.input[0]))
+            cost = dec.ChainCost(int(T), int(S), 1, float(rows or 1), float(rows or 1))
+            bias = None
+            if d.bias is not None:
+                if d.bias.size not in (1, T) or (d.bias.ndim == 2 and d.bias.shape[0] != 1):
+                    return f"Gemm bias of shape {list(d.bias.shape)} is not per output"
+                bias = np.broadcast_to(np.asarray(d.bias, np.float64).reshape(-1) * d.beta, (T,)).copy()
+            params = int(d.weight.size + (d.bias.size if d.bias is not None else 0))
+            w = d.weight.T if d.alpha == 1.0 else d.weight.T * np.float32(d.alpha)
+            plan = _Plan(node, "svd", w, bias, cost, rows is not None,
+                         dense=d, params_before=params, macs_before=costs.dense_macs(int(S), int(T), rows))
+            return plan
+        return f"op {node.op_type} is not handled"
+
+    # -- rank selection --------------------------------------------------------------------------------
+    def _spectra(self, plan: _Plan) -> tuple[np.ndarray, np.ndarray | None]:
+        """Squared singular values of the output (and, for Tucker-2, input) mode."""
+        if plan.response is not None:
+            vals, _ = plan.response.principal()
+            return vals * plan.response.count, None
+        for mode in (0, 1) if plan.kind == "tucker2" else (0,):
+            if mode not in plan.bases:
+                plan.bases[mode] = dec.mode_basis(plan.weight, mode)
+        e_in = plan.bases[1].energy if plan.kind == "tucker2" else None
+        return plan.bases[0].energy, e_in
+
+    def _choose_ranks(self, plan: _Plan, cfg: TuckerConfig) -> str | None:
+        """Set plan.ranks from the rank rule; return a skip reason or None."""
+        kind, value = parse_rank(cfg.rank)
+        T, S = plan.weight.shape[:2]
+        if kind == "fraction" and plan.response is None:  # no spectrum needed
+            e_out, e_in = np.zeros(T), (np.zeros(S) if plan.kind == "tucker2" else None)
+        else:
+            e_out, e_in = self._spectra(plan)
+        plan.figures["rank_rule"] = cfg.rank
+        if kind == "macs":
+            opts = dec.rank_options(plan.cost, dec.tail_fraction(e_out),
+                                    dec.tail_fraction(e_in) if e_in is not None else None, cfg.round, cfg.min_rank)
+            best = dec.best_under(opts, value * plan.cost.original)
+            if best is None:
+                return f"no rank on the round={cfg.round} grid meets macs:{value:g} of this layer"
+            plan.ranks = (best.r_out, best.r_in)
+            if best.r_out is None and best.r_in is None:
+                return "no decomposition meets the target"
+            return self._gain_check(plan, cfg)
+
+        def pick(energy: np.ndarray, full: int, dim: int, mode_shape: tuple[int, int], which: str) -> int | str:
+            if kind == "evbmf":
+                raw = evbmf_spectrum(np.sqrt(energy[:min(mode_shape)]), mode_shape).rank
+                plan.figures.setdefault("evbmf", {})[which] = raw
+                if raw == 0 and cfg.weaken >= 1.0:
+                    return f"EVBMF rank 0 on the {which} mode (weights indistinguishable from noise)"
+                r = dec.weaken_rank(full, raw, cfg.weaken)
+            elif kind == "fraction":
+                r = dec.fraction_rank(full, value)
+            else:
+                r = dec.energy_rank(energy[:full], value)
+            r = dec.round_rank(min(r, full), cfg.round, dim, cfg.min_rank)
+            return min(r, dim)
+
+        if plan.response is not None:
+            shape_out = (plan.response.count, T)
+        else:
+            shape_out = (T, int(math.prod(plan.weight.shape[1:])))
+        r_out = pick(e_out, min(shape_out) if plan.response is None else T, T, shape_out, "output")
+        if isinstance(r_out, str):
+            return r_out
+        r_in: int | str | None = None
+        if e_in is not None:
+            shape_in = (S, int(T * math.prod(plan.weight.shape[2:])))
+            r_in = pick(e_in, min(shape_in), S, shape_in, "input")
+            if isinstance(r_in, str):
+                return r_in
+        ro: int | None = r_out
+        ri: int | None = r_in  # type: ignore[assignment]
+        if plan.kind == "tucker2":
+            # A full-size mode gets no factor layer, unless both are full (a pure rewrite check).
+            if not (ro == T and ri == S):
+                ro = None if ro == T else ro
+                ri = None if ri == S else ri
+        plan.ranks = (ro, ri)
+        return self._gain_check(plan, cfg)
+
+    def _gain_check(self, plan: _Plan, cfg: TuckerConfig) -> str | None:
+        r_out, r_in = plan.ranks  # type: ignore[misc]
+        plan.figures["ranks"] = {"output": r_out, "input": r_in}
+        after = self._chain_macs(plan)
+        gain = 1.0 - after / plan.cost.original
+        plan.figures["mac_gain"] = round(gain, 4)
+        if gain < cfg.min_gain:
+            what = (f"ranks (out {r_out or 'full'}, in {r_in or 'full'})" if plan.kind == "tucker2"
+                    else f"rank {r_out}")
+            return f"{what} would cut MACs by {gain:.0%}, less than min_gain={cfg.min_gain:g}"
+        return None
+
+    def _chain_macs(self, plan: _Plan) -> float:
+        r_out, r_in = plan.ranks  # type: ignore[misc]
+        if plan.kind != "tucker2":
+            return plan.cost.tucker(r_out, None)
+        return plan.cost.tucker(r_out, r_in)
+
+    # -- global budget -----------------------------------------------------------------------------------
+    def _allocate_budget(self, model, plans, ctx, cfg, figures) -> dict[int, str | None]:
+        from onnxcomp.analysis import layer_costs
+
+        target = parse_budget(cfg.budget)
+        all_costs = layer_costs(model, ctx.input_shapes)
+        usable = [p for p in plans if p.static]
+        if plans and not usable:
+            raise BadInputError("tucker budget=macs:... needs static shapes: give --input-shape for symbolic dims")
+        # Layers whose MACs stay unknown (shape inference could not reach them) count as 0 and are
+        # left alone; the figures say how many.
+        unknown = [c.node for c in all_costs if c.macs is None] + [p.name for p in plans if not p.static]
+        total = float(sum(c.macs or 0 for c in all_costs))
+        in_plans = {p.name for p in usable}
+        fixed = float(sum(c.macs or 0 for c in all_costs if c.node not in in_plans))
+        entries = []
+        for p in usable:
+            e_out, e_in = self._spectra(p)
+            opts = dec.rank_options(p.cost, dec.tail_fraction(e_out),
+                                    dec.tail_fraction(e_in) if e_in is not None else None, cfg.round, cfg.min_rank)
+            opts = [o for o in opts if o.macs <= (1.0 - cfg.min_gain) * p.cost.original]
+            entries.append((p.cost.original, opts))
+        choice, achieved = dec.allocate_budget(entries, target * total, fixed)
+        figures.update({"budget_target": target, "budget_achieved": round(achieved / total, 4) if total else None,
+                        "model_macs_before": int(total), "model_macs_after": int(achieved)})
+        if unknown:
+            figures["budget_macs_unknown"] = sorted(set(unknown))
+        decided: dict[int, str | None] = {}
+        slot = {id(p.node): k for k, p in enumerate(usable)}
+        for i, p in enumerate(plans):
+            p.figures["rank_rule"] = cfg.budget
+            if id(p.node) not in slot:
+                decided[i] = "budget: MACs unknown at the given input shapes"
+                continue
+            k = slot[id(p.node)]
+            j = choice[k]
+            if j is None:
+                decided[i] = ("budget: no option saves min_gain" if not entries[k][1]
+                              else "budget met without this layer")
+                continue
+            o = entries[k][1][j]
+            p.ranks = (o.r_out, o.r_in)
+            p.figures["ranks"] = {"output": o.r_out, "input": o.r_in}
+            p.figures["error_estimate"] = round(o.error, 6)
+            decided[i] = None
+        return decided
+
+    # -- decomposition -----------------------------------------------------------------------------------
+    def _decompose(self, plan: _Plan, cfg: TuckerConfig) -> None:
+        r_out, r_in = plan.ranks  # type: ignore[misc]
+        w = plan.weight
+        if plan.response is not None:
+            _, vecs = plan.response.principal()
+            basis = vecs[:, : (r_out or w.shape[0])]
+            w1, w2, b2 = dec.response_projection(w, plan.bias, basis, plan.response.mean)
+            plan.core_w, plan.last_w, plan.last_b = w1, w2.reshape(w2.shape + (1,) * (w.ndim - 2)), b2
+            plan.figures["method"] = "response"
+            plan.new_bias = True
+            plan.figures["response_energy_kept"] = round(1.0 - float(dec.tail_fraction(self._spectra(plan)[0])[basis.shape[1]]), 6)
+            plan.figures["weight_error"] = round(dec.relative_error(w, np.tensordot(w2, w1, axes=(1, 0))), 6)
+            return
+        if plan.kind == "tucker2":
+            t = dec.tucker_decompose(w, r_out, r_in, n_iter_max=cfg.iterations, bases=plan.bases)
+        else:
+            t = dec.tucker_decompose(w, r_out, None, bases=plan.bases)
+        plan.bases.clear()  # free memory: a 4096-wide dense layer's basis is 128 MB
+        plan.figures["method"] = {"tucker2": "tucker2" if (r_out and r_in) else "tucker1", "tucker1": "tucker1",
+                                  "svd": "svd"}[plan.kind]
+        plan.figures["error"] = round(t.error, 6)
+        spatial = (1,) * (w.ndim - 2)
+        plan.first_w = None if t.in_factor is None else t.in_factor.T.reshape(t.in_factor.shape[1], w.shape[1], *spatial)
+        plan.core_w = t.core
+        if t.out_factor is not None:
+            plan.last_w = t.out_factor.reshape(w.shape[0], t.out_factor.shape[1], *spatial)
+            plan.last_b = None if plan.bias is None else np.asarray(plan.bias, np.float64)
+        else:  # input mode only: the core is the last layer and carries the bias
+            plan.last_w, plan.last_b = None, None
+
+    # -- graph rewrite -----------------------------------------------------------------------------------
+    def _rewrite(self, ed: GraphEditor, plan: _Plan) -> LayerRecord:
+        nodes, params = (self._conv_nodes(ed, plan) if plan.conv is not None else self._dense_nodes(ed, plan))
+        ed.replace(plan.node, nodes)
+        macs_after = None
+        if plan.static and plan.macs_before is not None:
+            macs_after = int(round(self._chain_macs(plan)))
+        return LayerRecord(plan.name, plan.node.op_type, REWRITTEN, "", params_before=plan.params_before,
+                           params_after=params, macs_before=plan.macs_before, macs_after=macs_after,
+                           output=plan.node.output[0], figures=plan.figures)
+
+    def _conv_nodes(self, ed: GraphEditor, plan: _Plan) -> tuple[list[onnx.NodeProto], int]:
+        layer = plan.conv
+        assert layer is not None
+        name = plan.name
+        nsp = layer.spatial_rank
+        point = {"kernel_shape": [1] * nsp}
+        pointwise = plan.kind == "svd"
+        stages: list[tuple[str, np.ndarray, np.ndarray | None, dict]] = []
+        if plan.first_w is not None:
+            stages.append(("tucker_in", plan.first_w, None, point))
+        core_bias = plan.bias if plan.last_w is None else None
+        stages.append(("svd_a" if pointwise else "tucker_core", plan.core_w, core_bias, layer.geometry_attributes()))
+        if plan.last_w is not None:
+            stages.append(("svd_b" if pointwise else "tucker_out", plan.last_w, plan.last_b, point))
+        nodes = []
+        src = layer.node.input[0]
+        params = 0
+        for k, (suffix, w, b, attrs) in enumerate(stages):
+            last = k == len(stages) - 1
+            node_name = ed.unique_name(f"{name}/{suffix}")  # also names the tensor it writes
+            out = layer.node.output[0] if last else node_name
+            inputs = [src, ed.add_initializer(f"{name}/{suffix}.weight", np.asarray(w, np.float32))]
+            params += int(np.asarray(w).size)
+            if b is not None:
+                inputs.append(ed.add_initializer(f"{name}/{suffix}.bias", np.asarray(b, np.float32)))
+                params += int(np.asarray(b).size)
+            nodes.append(make_node("Conv", inputs, [out], node_name, **attrs))
+            src = out
+        return nodes, params
+
+    def _dense_nodes(self, ed: GraphEditor, plan: _Plan) -> tuple[list[onnx.NodeProto], int]:
+        d = plan.dense
+        assert d is not None and plan.core_w is not None and plan.last_w is not None
+        name = plan.name
+        node = d.node
+        a = np.asarray(plan.core_w, np.float32).reshape(plan.core_w.shape[0], -1).T  # (in, r), alpha included
+        b = np.asarray(plan.last_w, np.float32).reshape(plan.last_w.shape[0], -1).T  # (r, out)
+        mid = ed.unique_name(f"{name}/svd_a")  # node and tensor share the name
+        nodes = [make_node("MatMul", [node.input[0], ed.add_initializer(f"{name}/svd_a.weight", a)], [mid], mid)]
+        params = a.size + b.size
+        b_name = ed.add_initializer(f"{name}/svd_b.weight", b)
+        if node.op_type == "Gemm":
+            inputs = [mid, b_name]
+            gemm_attrs: dict = {}
+            if plan.new_bias:
+                inputs.append(ed.add_initializer(f"{name}/svd_b.bias", np.asarray(plan.last_b, np.float32)))
+                params += int(np.asarray(plan.last_b).size)
+            elif len(node.input) > 2 and node.input[2]:
+                inputs.append(node.input[2])
+                params += int(d.bias.size) if d.bias is not None else 0
+                beta = attr(node, "beta", 1.0)
+                if beta != 1.0:
+                    gemm_attrs["beta"] = float(beta)
+            nodes.append(make_node("Gemm", inputs, [node.output[0]], ed.unique_name(f"{name}/svd_b"), **gemm_attrs))
+        else:
+            if plan.last_b is not None and plan.new_bias:
+                tmp = ed.unique_name(f"{name}/svd_b")
+                nodes.append(make_node("MatMul", [mid, b_name], [tmp], tmp))
+                bias = ed.add_initializer(f"{name}/svd_b.bias", np.asarray(plan.last_b, np.float32))
+                params += int(np.asarray(plan.last_b).size)
+                nodes.append(make_node("Add", [tmp, bias], [node.output[0]], ed.unique_name(f"{name}/svd_bias")))
+            else:
+                nodes.append(make_node("MatMul", [mid, b_name], [node.output[0]], ed.unique_name(f"{name}/svd_b")))
+        return nodes, int(params)
+
+    # -- calibration data ---------------------------------------------------------------------------------
+    def _probe_model(self, model: onnx.ModelProto, probes: dict[str, tuple[list[onnx.NodeProto], list]]) -> onnx.ModelProto:
+        """A copy of `model` with probe nodes inserted right after the layers they belong to."""
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        new_nodes = []
+        for n in work.graph.node:
+            new_nodes.append(n)
+            label = node_label(n)
+            if label in probes:
+                nodes, inits = probes[label]
+                new_nodes.extend(nodes)
+                work.graph.initializer.extend(inits)
+        del work.graph.node[:]
+        work.graph.node.extend(new_nodes)
+        return work
+
+    def _rows(self, arr: np.ndarray, channels_axis: int, rng: np.random.Generator, cap: int,
+              pick: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, channels) view of an activation; `cap` random rows (the same `pick` for paired tensors)."""
+        a = np.moveaxis(arr, channels_axis, -1)
+        rows = a.reshape(-1, a.shape[-1])
+        if pick is None:
+            n = rows.shape[0]
+            pick = np.sort(rng.choice(n, size=cap, replace=False)) if 0 < cap < n else np.arange(n)
+        return rows[pick], pick
+
+    def _batches(self, model: onnx.ModelProto, outputs: list[str], ctx: Context):
+        from onnxcomp.runtime import run_batches
+
+        limit = ctx.calibration_batches or None
+        yield from run_batches(model, ctx.data, outputs=outputs, max_batches=limit, max_bytes=256 * 2**20)
+
+    def _capture_responses(self, model: onnx.ModelProto, plans: list[_Plan], ctx: Context, cfg: TuckerConfig) -> None:
+        outputs = [p.node.output[0] for p in plans]
+        for p in plans:
+            p.response = dec.ResponseStats(int(p.weight.shape[0]))
+        for k, (_feeds, values, _labels) in enumerate(self._batches(model, outputs, ctx)):
+            for p in plans:
+                y = values[p.node.output[0]]
+                axis = 1 if p.conv is not None else y.ndim - 1
+                rows, _ = self._rows(y, axis, ctx.rng("tucker", p.name, str(k)), cfg.positions)
+                p.response.add(rows)  # type: ignore[union-attr]
+        for p in plans:
+            if p.response is None or p.response.count < 2:
+                raise BadInputError("tucker method=response: the calibration data gave no samples")
+
+    def _refit(self, model: onnx.ModelProto, plans: list[_Plan], ctx: Context, cfg: TuckerConfig, figures: dict) -> None:
+        fit = [p for p in plans if p.last_w is not None and p.figures.get("method") != "response"]
+        for p in plans:
+            if p.last_w is None:
+                p.figures["refit"] = "n/a (the chain ends in the KxK core)"
+            elif p.figures.get("method") == "response":
+                p.figures["refit"] = "n/a (response PCA is already the least-squares fit)"
+        if not fit:
+            return
+        probes: dict[str, tuple[list[onnx.NodeProto], list]] = {}
+        probe_out: dict[str, str] = {}
+        for p in fit:
+            nodes, inits, out = self._head_nodes(p)
+            probes[p.name] = (nodes, inits)
+            probe_out[p.name] = out
+        work = self._probe_model(model, probes)
+        outputs = [x for p in fit for x in (p.node.output[0], probe_out[p.name])]
+        systems = {}
+        for p in fit:
+            has_bias = not (p.dense is not None and p.dense.node.op_type == "MatMul" and p.bias is None)
+            systems[p.name] = dec.LeastSquares(int(p.last_w.shape[1]), int(p.last_w.shape[0]), bias=has_bias)  # type: ignore[union-attr]
+        batches = 0
+        for k, (_feeds, values, _labels) in enumerate(self._batches(work, outputs, ctx)):
+            batches += 1
+            for p in fit:
+                y, z = values[p.node.output[0]], values[probe_out[p.name]]
+                axis = 1 if p.conv is not None else y.ndim - 1
+                zr, pick = self._rows(z, axis, ctx.rng("tucker", p.name, str(k)), cfg.positions)
+                yr, _ = self._rows(y, axis, ctx.rng("tucker", p.name, str(k)), cfg.positions, pick)
+                systems[p.name].add(zr, yr)
+        if batches == 0:
+            raise BadInputError("tucker refit=on: the calibration data gave no batches")
+        for p in fit:
+            ls = systems[p.name]
+            w_old = p.last_w.reshape(p.last_w.shape[0], -1).T  # type: ignore[union-attr]
+            before = ls.residual(w_old, p.last_b if ls.bias else None)
+            w_new, b_new = ls.solve()
+            after = ls.residual(w_new, b_new)
+            p.figures["refit_rows"] = ls.count
+            p.figures["refit_error_before"] = round(before, 6)
+            p.figures["refit_error_after"] = round(after, 6)
+            if after < before:
+                p.last_w = w_new.T.reshape(p.last_w.shape)  # type: ignore[union-attr]
+                p.last_b = b_new
+                p.figures["refit"] = "applied"
+                p.new_bias = b_new is not None
+            else:
+                p.figures["refit"] = "kept the decomposition (no improvement on the calibration data)"
+        figures["refit_batches"] = batches
+
+    def _head_nodes(self, plan: _Plan) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
+        """Probe nodes computing the chain up to (not including) its last layer from the layer's input."""
+        base = f"{plan.name}/tucker_refit_probe"
+        src = plan.node.input[0]
+        nodes, inits = [], []
+        if plan.conv is not None:
+            layer = plan.conv
+            stages = []
+            if plan.first_w is not None:
+                stages.append((plan.first_w, {"kernel_shape": [1] * layer.spatial_rank}))
+            stages.append((plan.core_w, layer.geometry_attributes()))
+            for k, (w, attrs) in enumerate(stages):
+                wn, out = f"{base}/{k}.weight", f"{base}/{k}"
+                inits.append(numpy_helper.from_array(np.asarray(w, np.float32), wn))
+                nodes.append(make_node("Conv", [src, wn], [out], f"{base}/{k}", **attrs))
+                src = out
+        else:
+            a = np.asarray(plan.core_w, np.float32).reshape(plan.core_w.shape[0], -1).T  # type: ignore[union-attr]
+            wn, out = f"{base}/0.weight", f"{base}/0"
+            inits.append(numpy_helper.from_array(a, wn))
+            nodes.append(make_node("MatMul", [src, wn], [out], f"{base}/0"))
+            src = out
+        return nodes, inits, src
+
+
+def _known(shape) -> bool:
+    return shape is not None and len(shape) > 0 and all(isinstance(d, int) and d > 0 for d in shape)
