@@ -137,21 +137,26 @@ def render_validation(v: dict) -> list[str]:
     s = v.get("summary", {})
     verdict = _validation_word(v)
     figures = []
-    if s.get("min_cosine") is not None:
-        figures.append(f"min cosine {s['min_cosine']:.6f}")
-    if s.get("min_sqnr_db") is not None:
-        figures.append(f"SQNR {s['min_sqnr_db']:.1f} dB")
-    if s.get("max_abs_err") is not None:
-        figures.append(f"max abs err {s['max_abs_err']:.3g}")
-    if s.get("top1_agreement") is not None:
-        figures.append(f"top-1 agreement {s['top1_agreement']:.2f}%")
+    for key, label, fmt, unit in (
+        ("min_cosine", "min cosine", ".6f", ""),
+        ("min_sqnr_db", "SQNR", ".1f", " dB"),
+        ("max_abs_err", "max abs err", ".3g", ""),
+        ("top1_agreement", "top-1 agreement", ".2f", "%"),
+    ):
+        if s.get(key) is not None:
+            figures.append(f"{label} {_num(s[key], fmt)}{unit}")
     if s.get("ref_top1_acc") is not None:
-        figures.append(f"accuracy {s['ref_top1_acc']:.2f}% -> {s['cand_top1_acc']:.2f}%")
+        figures.append(f"accuracy {_num(s['ref_top1_acc'], '.2f')}% -> {_num(s['cand_top1_acc'], '.2f')}%")
     lines = [f"validation: {verdict} on {v.get('samples')} samples of {v.get('data')}"]
     lines.append("  " + ", ".join(figures))
     if s.get("worst_layer"):
         lines.append(f"  largest error at layer output: {s['worst_layer']}")
     return lines
+
+
+def _num(value, fmt: str) -> str:
+    """Format a report number; JSON-safe reports carry inf/NaN as strings, shown as they are."""
+    return format(value, fmt) if isinstance(value, (int, float)) else str(value)
 
 
 def _validation_word(v: dict | None) -> str:
