@@ -41,7 +41,9 @@ OUT = ROOT / "benchmarks" / "out"
 PIPELINES: list[tuple[str, str]] = [
     ("tucker evbmf", "tucker"),
     ("tucker evbmf+refit", "tucker{refit=on}"),
-    ("tucker aggressive+refit", "tucker{rank=macs:0.35,refit=on}"),
+    ("tucker evbmf w=0.5+refit", "tucker{weaken=0.5,refit=on}"),
+    ("tucker response e=0.98", "tucker{method=response,rank=energy:0.98}"),
+    ("tucker budget 0.5+refit (aggressive)", "tucker{budget=macs:0.5,refit=on}"),
     ("ort int8 (baseline)", "int8"),
     ("default recipe", "default"),
 ]
@@ -176,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller test sets and fewer timing runs")
     ap.add_argument("--runs", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--pipeline", action="append", default=[], metavar="LABEL=SPEC",
+                    help="run these pipelines instead of the standard set (repeatable)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
     runs = args.runs or (20 if args.quick else 60)
@@ -186,11 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     stamp = (f"measured {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC on commit {commit or '?'}"
              f"{' (+uncommitted changes)' if dirty else ''}, onnxcomp {onnxcomp.__version__}")
+    pipelines = [tuple(p.split("=", 1)) for p in args.pipeline] or PIPELINES
     t0 = time.perf_counter()
     rows: list[dict] = []
     for case in load_cases(args.models, args.quick):
         print(f"== {case.name}", file=sys.stderr, flush=True)
-        rows.extend(run_case(case, PIPELINES, runs, rounds))
+        rows.extend(run_case(case, pipelines, runs, rounds))
     text = render(rows, stamp + f", {time.perf_counter() - t0:.0f}s in all")
     print(text)
     (out / "table.md").write_text(text)

@@ -250,7 +250,7 @@ def test_skip_reasons():
 
     # would not get cheaper
     rec = Tucker(rank="0.9", round=1).run(conv_model(), Context()).layers[0]
-    assert rec.action == SKIPPED and "less than min_gain=0.1" in rec.reason
+    assert rec.action == SKIPPED and "(min_gain=0.1)" in rec.reason and "MACs" in rec.reason
     assert rec.figures["mac_gain"] < 0.1
 
     # selection and svd=off

@@ -8,6 +8,8 @@ an opset bump where per-channel QDQ needs opset 13, and a per-layer report.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -91,18 +93,19 @@ class Int8Pass(Pass):
             src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
             big = work.ByteSize() > 2**31 - 2**24
             onnx.save_model(work, str(src), save_as_external_data=big)
-            quantize_static(
-                str(src), str(dst), reader,
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(self.op_types()),
-                per_channel=per_channel,
-                activation_type=QuantType.QUInt8 if cfg.activations == "uint8" else QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=excluded,
-                use_external_data_format=big,
-                calibrate_method=method,
-                extra_options={"CalibTensorRangeSymmetric": False},
-            )
+            with _quiet_root_logger():  # it nags about pre-processing, which normalize already did
+                quantize_static(
+                    str(src), str(dst), reader,
+                    quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(self.op_types()),
+                    per_channel=per_channel,
+                    activation_type=QuantType.QUInt8 if cfg.activations == "uint8" else QuantType.QInt8,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=excluded,
+                    use_external_data_format=big,
+                    calibrate_method=method,
+                    extra_options={"CalibTensorRangeSymmetric": False},
+                )
             out = onnx.load(str(dst))
         figures.update({"calibration_samples": reader.count, "per_channel": per_channel})
 
@@ -123,6 +126,18 @@ class Int8Pass(Pass):
                 layers.append(LayerRecord(node.name, node.op_type, SKIPPED, "onnxruntime left it in float",
                                           params, params, macs, macs, output=node.output[0]))
         return PassResult(out, layers, figures)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """onnxruntime's quantizer warns through the root logger; keep stderr for our own progress."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 class _CalibrationReader:

@@ -401,7 +401,9 @@ class TuckerPass(Pass):
         if gain < cfg.min_gain:
             what = (f"ranks (out {r_out or 'full'}, in {r_in or 'full'})" if plan.kind == "tucker2"
                     else f"rank {r_out}")
-            return f"{what} would cut MACs by {gain:.0%}, less than min_gain={cfg.min_gain:g}"
+            effect = f"cut MACs by only {gain:.0%}" if gain > 0 else (
+                "save no MACs" if gain == 0 else f"add {-gain:.0%} MACs")
+            return f"{what} would {effect} (min_gain={cfg.min_gain:g})"
         return None
 
     def _chain_macs(self, plan: _Plan) -> float:
