@@ -246,6 +246,9 @@ def test_skip_reasons():
     noise = conv_model(cin=64, cout=64, pads=[1, 1, 1, 1])
     res = Tucker().run(noise, Context())
     assert res.layers[0].action == SKIPPED and "EVBMF rank 0" in res.layers[0].reason
+    # weakening softens a detected rank; it does not decompose a layer EVBMF found no structure in
+    weak = Tucker(weaken=0.5).run(noise, Context()).layers[0]
+    assert weak.action == SKIPPED and "EVBMF rank 0" in weak.reason
     assert res.model is noise  # nothing rewritten: the model is returned as is
 
     # would not get cheaper

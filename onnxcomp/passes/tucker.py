@@ -21,7 +21,7 @@ mixing to factor, and per-group decomposition is not implemented.
 **Rank rules** (`rank=`), per decomposed mode of size R (R = the unfolding's maximal rank):
 `evbmf` — analytic empirical VBMF (onnxcomp.linalg.vbmf) of the mode unfolding, softened by
 `weaken` w as MUSCO does: r = R - w (R - r_evbmf) (w = 1 raw EVBMF, w = 0 full rank); a layer whose
-raw EVBMF rank is 0 at w = 1 is skipped (its weights are indistinguishable from noise).
+raw EVBMF rank is 0 is skipped whatever w (its weights are indistinguishable from noise).
 `<f>` — ceil(f R). `energy:<e>` — the fewest components holding a share e of the mode's spectrum.
 `macs:<m>` — the rank pair, on the grid of multiples of `round`, with the least estimated
 reconstruction error (from the energy each mode discards, see onnxcomp.linalg.decompose) whose
@@ -359,7 +359,9 @@ class TuckerPass(Pass):
             if kind == "evbmf":
                 raw = evbmf_spectrum(np.sqrt(energy[:min(mode_shape)]), mode_shape).rank
                 plan.figures.setdefault("evbmf", {})[which] = raw
-                if raw == 0 and cfg.weaken >= 1.0:
+                if raw == 0:
+                    # Weakening softens a detected rank; it must not invent structure where EVBMF
+                    # found none (on trained nets these are often gating layers, the most fragile).
                     return f"EVBMF rank 0 on the {which} mode (weights indistinguishable from noise)"
                 r = dec.weaken_rank(full, raw, cfg.weaken)
             elif kind == "fraction":
