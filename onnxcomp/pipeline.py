@@ -292,13 +292,14 @@ class Pipeline:
             prev_report = None
             rolled_back: list[str] = []
             if validate_each and p.name != "normalize" and result.modified:
+                configured = p  # rollbacks add to the user's own exclude, not to the previous retry's
                 check = validation.compare(current, result.model, ctx, tolerance, layers=result.layers)
                 while not check.passed and on_fail == "rollback" and len(rolled_back) < max_rollbacks:
                     worst = culprit_layer(check, current)
                     if worst is None:
                         break
                     rolled_back.append(worst)
-                    p = _with_excluded(p, rolled_back)
+                    p = _with_excluded(configured, rolled_back)
                     result = p.run(current, ctx)
                     check = validation.compare(current, result.model, ctx, tolerance, layers=result.layers)
                 prev_report = check.as_dict()
@@ -342,13 +343,14 @@ class Pipeline:
         )
 
 
-def culprit_layer(check: Any, ref: onnx.ModelProto, share: float = 0.5) -> str | None:
+def culprit_layer(check: Any, ref: onnx.ModelProto) -> str | None:
     """The rewritten layer most likely to have caused a failed check.
 
     A layer's measured error includes the error of every rewritten layer upstream of it, so the
-    layer with the largest error is often an innocent one downstream of the culprit. Start from
-    the largest error and move the blame upstream while a rewritten ancestor (in `ref`, the pass's
-    input) has at least `share` of the current layer's error. Falls back to `check.worst_layer`.
+    layer with the largest error is often an innocent one downstream of the culprit, and the first
+    layer of a chain of equally lossy rewrites is not the culprit either. Blame goes to the largest
+    *increment*: a layer's relative error minus the largest relative error among the rewritten
+    layers upstream of it (in `ref`, the pass's input). Falls back to `check.worst_layer`.
     """
     errs = {lc.output: lc for lc in getattr(check, "layers", []) if lc.rel_err == lc.rel_err}
     if not errs:
@@ -367,13 +369,11 @@ def culprit_layer(check: Any, ref: onnx.ModelProto, share: float = 0.5) -> str |
                 stack.extend(producer[t].input)
         return seen
 
-    current = max(errs.values(), key=lambda lc: (lc.rel_err, lc.max_abs_err))
-    while True:
-        ups = [errs[t] for t in upstream(current.output) if t in errs]
-        blamed = [u for u in ups if u.rel_err >= share * current.rel_err]
-        if not blamed:
-            return current.node
-        current = max(blamed, key=lambda lc: (lc.rel_err, lc.max_abs_err))
+    def increment(lc: Any) -> float:
+        inherited = max((errs[t].rel_err for t in upstream(lc.output) if t in errs), default=0.0)
+        return lc.rel_err - inherited
+
+    return max(errs.values(), key=lambda lc: (increment(lc), lc.rel_err, lc.max_abs_err)).node
 
 
 def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:

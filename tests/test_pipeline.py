@@ -523,11 +523,12 @@ def test_final_validate_reports_and_raises_with_the_model():
     [
         ({"conv1": 1e-7, "conv2": 1.0, "conv3": 1.3}, "conv2"),  # downstream amplification is not blamed
         ({"conv1": 1e-7, "conv2": 0.2, "conv3": 1.0}, "conv3"),  # conv3's own error dominates
-        ({"conv1": 0.9, "conv2": 1.0, "conv3": 1.2}, "conv1"),  # blame climbs the whole chain
+        ({"conv1": 0.9, "conv2": 1.0, "conv3": 1.2}, "conv1"),  # the first lossy layer adds the most
         ({"conv2": 1.0}, "conv2"),
+        ({"conv1": 0.3, "conv2": 0.35, "conv3": 0.9}, "conv3"),  # a chain of lossy rewrites: not the first
     ],
 )
-def test_culprit_layer_moves_blame_upstream(errors, culprit):
+def test_culprit_layer_blames_the_largest_error_increment(errors, culprit):
     validation = pytest.importorskip("onnxcomp.validation", reason="onnxcomp.validation not written yet")
     from onnxcomp.pipeline import culprit_layer
 
