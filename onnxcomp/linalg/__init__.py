@@ -4,6 +4,6 @@
 - `decompose`: Tucker-2 / Tucker-1 / truncated SVD, rank-selection rules and least-squares refits.
 """
 
-from onnxcomp.linalg.vbmf import EVBMFResult, evbmf, evbmf_rank, evbmf_spectrum
+from onnxcomp.linalg.vbmf import EVBMFResult, evbmf, evbmf_max_rank, evbmf_rank, evbmf_spectrum
 
-__all__ = ["EVBMFResult", "evbmf", "evbmf_rank", "evbmf_spectrum"]
+__all__ = ["EVBMFResult", "evbmf", "evbmf_max_rank", "evbmf_rank", "evbmf_spectrum"]

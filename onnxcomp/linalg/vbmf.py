@@ -101,16 +101,31 @@ def _free_energy(sigma2: np.ndarray, s2: np.ndarray, M: int, alpha: float, x_bar
     return psi.sum(axis=1)
 
 
+def evbmf_max_rank(shape: tuple[int, int]) -> int:
+    """The largest rank EVBMF can return for an L x M matrix: ceil(L / (1 + L/M)) - 1 (L <= M).
+
+    0 for tiny or square-ish small matrices (1 x M, 2 x 2, 3 x 3, ...): there EVBMF keeps nothing
+    whatever the data, which says nothing about noise.
+    """
+    L, M = sorted(int(d) for d in shape)
+    if L == 0:
+        return 0
+    return max(0, min(math.ceil(L / (1.0 + L / M)) - 1, L - 1))
+
+
 def evbmf_spectrum(singular_values: np.ndarray, shape: tuple[int, int], sigma2: float | None = None) -> EVBMFResult:
     """EVBMF from the singular values of an L x M matrix (any orientation; only min/max matter).
 
     `singular_values` must hold all min(L, M) singular values (zeros included). Useful when only a
-    spectrum is at hand (e.g. eigenvalues of a response covariance over M samples).
+    spectrum is at hand (e.g. eigenvalues of a response covariance over M samples). ValueError on
+    a wrong count or non-finite values.
     """
     L, M = sorted(int(d) for d in shape)
     s = np.sort(np.asarray(singular_values, dtype=np.float64).ravel())[::-1]
     if s.size != L:
         raise ValueError(f"expected {L} singular values for a {shape[0]}x{shape[1]} matrix, got {s.size}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("singular values must be finite (the matrix holds NaN or inf)")
     empty = np.zeros(0)
     if L == 0 or not np.any(s > 0):
         return EVBMFResult(0, 0.0, 0.0, s, empty)
@@ -121,7 +136,7 @@ def evbmf_spectrum(singular_values: np.ndarray, shape: tuple[int, int], sigma2: 
     s2 = np.maximum(s * s, (s[0] * s[0]) * 1e-30)
 
     if sigma2 is None:
-        H = max(0, min(math.ceil(L / (1.0 + alpha)) - 1, L - 1))
+        H = evbmf_max_rank((L, M))
         hi = float(s2.sum() / (L * M))
         lo = max(float(s2[H] / (M * x_bar)), float(s2[H:].mean() / M))
         lo = max(lo, hi * 1e-12)
@@ -149,10 +164,13 @@ def evbmf_spectrum(singular_values: np.ndarray, shape: tuple[int, int], sigma2: 
 
 
 def evbmf(matrix: np.ndarray, sigma2: float | None = None) -> EVBMFResult:
-    """EVBMF of a 2-D matrix (L > M is handled by transposing; the estimate is symmetric)."""
+    """EVBMF of a 2-D matrix (L > M is handled by transposing; the estimate is symmetric).
+    ValueError if the matrix is not 2-D or holds NaN / inf."""
     V = np.asarray(matrix, dtype=np.float64)
     if V.ndim != 2:
         raise ValueError(f"evbmf needs a 2-D matrix, got shape {V.shape}")
+    if not np.all(np.isfinite(V)):
+        raise ValueError("evbmf needs a finite matrix (it holds NaN or inf)")
     # Singular values through the smaller Gram matrix: much faster than a LAPACK SVD for the wide
     # unfoldings of conv weights, and accurate enough (~1e-8 relative) for a threshold decision.
     small = V @ V.T if V.shape[0] <= V.shape[1] else V.T @ V

@@ -31,29 +31,38 @@ its MACs by at least `min_gain`.
 
 **Global budget** (`budget=macs:<f>`, overrides `rank`): the model's total Conv/Gemm/MatMul MACs
 must fall to f times the original. Each decomposable layer offers its Pareto front of (MACs,
-relative reconstruction error) over rank pairs on the `round` grid (only options that save at least
-`min_gain` of the layer). Starting from nothing decomposed, a greedy loop repeatedly takes the single
-move — one layer to a cheaper option — with the smallest increase of error per MAC saved, until the
-total meets the target or no move is left (the achieved ratio is in the pass figures). Errors are
-relative per layer, so every layer counts the same however large it is. Needs static spatial shapes
-(the model's or `--input-shape`).
+estimated relative reconstruction error e) over rank pairs on the `round` grid (only options that
+save at least `min_gain` of the layer). The objective is the product of the energy every layer
+keeps, prod (1 - e_l) (Zhang et al., TPAMI 2016): starting from nothing decomposed, a greedy loop
+repeatedly takes the single move — one layer to a cheaper option — with the smallest increase of
+-log(1 - e) per MAC saved, until the total meets the target or no move is left. Errors are relative
+per layer, so every layer counts the same however large it is; the log makes each further cut of
+one layer dearer, so the budget is spread instead of wrecking the largest layers. The pass figures
+give the achieved ratio (`budget_achieved`), `budget_met`, and a `budget_note` when the target is
+out of reach. Needs static spatial shapes (the model's or `--input-shape`).
 
 **Data-aware refit** (`refit=on`, needs `--data`): the layer's original output Y and the output Z
 of its chain up to the last layer, both computed from the layer's *original* input on the
 calibration data (one onnxruntime run of the original model with the truncated chains attached as
 probes), give a least-squares problem min ||Y - (W Z + b)||^2 for the last 1x1 layer's weights and
 bias, solved from accumulated normal equations (bounded memory; `positions` rows sampled per batch
-with the run's seeded rng). This replaces the paper's fine-tuning for what a linear refit can do: it
-re-mixes the kept components and re-centres the output (absorbing the mean of what was truncated),
-but cannot recover information the first layers threw away, and it fits each layer to exact
-inputs, so errors that accumulate across layers are not compensated.
+with the run's seeded rng). One calibration sample in four (the 2nd, 6th, ...) is held out: ridge
+strengths pulling the weights towards the decomposition's are tried on the rest, and the best one on
+the held-out samples is applied only if it beats the plain decomposition there by more than the
+sampling noise of that estimate (onnxcomp.linalg.decompose.validated_refit); with fewer than 2
+samples nothing is refit (the figures say so). This replaces the paper's fine-tuning for what a
+linear refit can do: it re-mixes the kept components and re-centres the output (absorbing the mean
+of what was truncated), but cannot recover information the first layers threw away, and it fits
+each layer to exact inputs, so errors that accumulate across layers are not compensated.
 
 **Response PCA** (`method=response`, needs `--data`; Zhang et al., TPAMI 2016): instead of
 factoring the weights, take the top principal directions P (T x r) of each layer's output responses
 on the calibration data and rewrite y = W x + b as y ~= P (P^T W) x + [m + P P^T (b - m)] (m the mean
 response): a KxK/1x1 conv `P^T W` with the original geometry followed by a 1x1 `P` with the new bias
 (two layers, like Tucker-1). On trained compact nets the responses are far more low-rank than the
-weights. The rank rules read the response spectrum (evbmf on the sampled response matrix).
+weights. The rank rules read the response spectrum (evbmf on the sampled response matrix). A layer
+with fewer sampled rows (sample x position) than output channels is skipped: its response
+covariance is singular and any rank rule would read an artefact of the sample size.
 """
 
 from __future__ import annotations
@@ -64,7 +73,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from onnxcomp import costs
 from onnxcomp.errors import BadInputError
@@ -80,7 +89,7 @@ from onnxcomp.graph import (
     read_dense,
 )
 from onnxcomp.linalg import decompose as dec
-from onnxcomp.linalg.vbmf import evbmf_spectrum
+from onnxcomp.linalg.vbmf import evbmf_max_rank, evbmf_spectrum
 from onnxcomp.passes.base import (
     REWRITTEN,
     SKIPPED,
@@ -91,6 +100,9 @@ from onnxcomp.passes.base import (
     PassResult,
     option,
 )
+
+# refit=on holds out every _HOLDOUT-th calibration sample (the 2nd, 6th, ...) to check the fit.
+_HOLDOUT = 4
 
 _RANK_RE = re.compile(r"^(?:evbmf|(?:energy|macs):[0-9.eE+-]+|[0-9.eE+-]+)$")
 
@@ -204,6 +216,7 @@ class TuckerPass(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
         """Decompose every selected layer it can; `model` is left untouched."""
+        from onnxcomp.analysis import weightless
         from onnxcomp.shapes import static_shapes
 
         cfg: TuckerConfig = self.config  # type: ignore[assignment]
@@ -211,7 +224,7 @@ class TuckerPass(Pass):
             what = "refit=on" if cfg.refit else "method=response"
             raise BadInputError(f"tucker {what} needs calibration data: give --data")
         index = GraphIndex(model)
-        shapes = static_shapes(model, ctx.input_shapes)
+        shapes = static_shapes(weightless(model), ctx.input_shapes)  # no copy of the weights (9 s on VGG-16)
         layers: list[LayerRecord] = []
         plans: list[_Plan] = []
         for node in self.candidates(model):
@@ -224,6 +237,17 @@ class TuckerPass(Pass):
         figures: dict = {"layers_considered": len(layers) + len(plans)}
         if cfg.method == "response" and plans:
             self._capture_responses(model, plans, ctx, cfg)
+            usable = []
+            for p in plans:
+                T, n = int(p.weight.shape[0]), p.response.count  # type: ignore[union-attr]
+                if n < T:  # fewer rows than channels: a singular covariance, its spectrum says nothing
+                    layers.append(LayerRecord(
+                        p.name, p.node.op_type, SKIPPED,
+                        f"response PCA needs at least {T} calibration rows for this {T}-channel layer, got {n}",
+                        params_before=p.params_before, macs_before=p.macs_before, output=p.node.output[0]))
+                else:
+                    usable.append(p)
+            plans = usable
 
         decided: dict[int, str | None] = {}  # plan index -> skip reason or None (decompose)
         if cfg.budget:
@@ -281,6 +305,9 @@ class TuckerPass(Pass):
                 what = "depthwise conv" if depthwise else f"grouped conv (group={layer.group})"
                 return f"{what}: no dense channel mixing to factor (per-group decomposition is not implemented)"
             w = layer.weight
+            bad = _weight_problem(w)
+            if bad:
+                return bad
             T, S = int(w.shape[0]), int(w.shape[1])
             ksize = int(math.prod(w.shape[2:]))
             pointwise = ksize == 1
@@ -306,8 +333,13 @@ class TuckerPass(Pass):
                 return d
             if not cfg.svd:
                 return f"{node.op_type} and svd=off"
-            if d.weight.dtype != np.float32:
-                return f"weight dtype {d.weight.dtype} is not float32"
+            raw = index.initializers.get(node.input[1])
+            dtype = d.weight.dtype if raw is None else helper.tensor_dtype_to_np_dtype(raw.data_type)
+            if dtype != np.float32:  # read_dense hands a MatMul weight over as float32 whatever it was
+                return f"weight dtype {np.dtype(dtype)} is not float32"
+            bad = _weight_problem(d.weight)
+            if bad:
+                return bad
             S, T = d.weight.shape
             rows = costs.leading_rows(shapes.get(node.input[0]))
             cost = dec.ChainCost(int(T), int(S), 1, float(rows or 1), float(rows or 1))
@@ -362,7 +394,11 @@ class TuckerPass(Pass):
                 if raw == 0:
                     # Weakening softens a detected rank; it must not invent structure where EVBMF
                     # found none (on trained nets these are often gating layers, the most fragile).
-                    return f"EVBMF rank 0 on the {which} mode (weights indistinguishable from noise)"
+                    if evbmf_max_rank(mode_shape) == 0:
+                        return (f"EVBMF rank 0 on the {which} mode: its {mode_shape[0]}x{mode_shape[1]} unfolding "
+                                "is too small for EVBMF to keep any component")
+                    what = "responses" if plan.response is not None else "weights"
+                    return f"EVBMF rank 0 on the {which} mode ({what} indistinguishable from noise)"
                 r = dec.weaken_rank(full, raw, cfg.weaken)
             elif kind == "fraction":
                 r = dec.fraction_rank(full, value)
@@ -437,8 +473,14 @@ class TuckerPass(Pass):
             opts = [o for o in opts if o.macs <= (1.0 - cfg.min_gain) * p.cost.original]
             entries.append((p.cost.original, opts))
         choice, achieved = dec.allocate_budget(entries, target * total, fixed)
+        met = achieved <= target * total
         figures.update({"budget_target": target, "budget_achieved": round(achieved / total, 4) if total else None,
-                        "model_macs_before": int(total), "model_macs_after": int(achieved)})
+                        "budget_met": met, "model_macs_before": int(total), "model_macs_after": int(achieved)})
+        if not met:
+            figures["budget_note"] = (
+                f"macs:{target:g} is out of reach: with every decomposable layer at its cheapest option "
+                f"(round={cfg.round}, min_rank={cfg.min_rank}, min_gain={cfg.min_gain:g}) the model keeps "
+                f"{achieved / total:.3f} of its MACs; {fixed / total:.3f} are in layers this pass cannot decompose")
         if unknown:
             figures["budget_macs_unknown"] = sorted(set(unknown))
         decided: dict[int, str | None] = {}
@@ -451,8 +493,10 @@ class TuckerPass(Pass):
             k = slot[id(p.node)]
             j = choice[k]
             if j is None:
-                decided[i] = ("budget: no option saves min_gain" if not entries[k][1]
-                              else "budget met without this layer")
+                decided[i] = (f"budget: no rank on the round={cfg.round} grid cuts this layer's MACs by "
+                              f"min_gain={cfg.min_gain:g}" if not entries[k][1]
+                              else "budget met without this layer" if met
+                              else "budget: no option of this layer saves MACs")
                 continue
             o = entries[k][1][j]
             p.ranks = (o.r_out, o.r_in)
@@ -612,7 +656,7 @@ class TuckerPass(Pass):
                 rows, _ = self._rows(y, axis, ctx.rng("tucker", p.name, str(k)), cfg.positions)
                 p.response.add(rows)  # type: ignore[union-attr]
         for p in plans:
-            if p.response is None or p.response.count < 2:
+            if p.response is None or p.response.count == 0:
                 raise BadInputError("tucker method=response: the calibration data gave no samples")
 
     def _refit(self, model: onnx.ModelProto, plans: list[_Plan], ctx: Context, cfg: TuckerConfig, figures: dict) -> None:
@@ -632,10 +676,16 @@ class TuckerPass(Pass):
             probe_out[p.name] = out
         work = self._probe_model(model, probes)
         outputs = [x for p in fit for x in (p.node.output[0], probe_out[p.name])]
-        systems = {}
+        # Every HOLDOUT-th calibration sample (counted per layer along the activation's leading
+        # axis) is held out: the refit is kept only if it lowers the error on those samples.
+        systems: dict[str, tuple[dec.LeastSquares, dec.LeastSquares]] = {}
+        seen: dict[str, int] = {}
+        held_samples: dict[str, int] = {}
         for p in fit:
             has_bias = not (p.dense is not None and p.dense.node.op_type == "MatMul" and p.bias is None)
-            systems[p.name] = dec.LeastSquares(int(p.last_w.shape[1]), int(p.last_w.shape[0]), bias=has_bias)  # type: ignore[union-attr]
+            n_in, n_out = int(p.last_w.shape[1]), int(p.last_w.shape[0])  # type: ignore[union-attr]
+            systems[p.name] = (dec.LeastSquares(n_in, n_out, bias=has_bias), dec.LeastSquares(n_in, n_out, bias=has_bias))
+            seen[p.name] = held_samples[p.name] = 0
         batches = 0
         for k, (_feeds, values, _labels) in enumerate(self._batches(work, outputs, ctx)):
             batches += 1
@@ -644,26 +694,38 @@ class TuckerPass(Pass):
                 axis = 1 if p.conv is not None else y.ndim - 1
                 zr, pick = self._rows(z, axis, ctx.rng("tucker", p.name, str(k)), cfg.positions)
                 yr, _ = self._rows(y, axis, ctx.rng("tucker", p.name, str(k)), cfg.positions, pick)
-                systems[p.name].add(zr, yr)
+                samples = y.shape[0] if y.ndim > 1 else 1
+                per_sample = max(1, (y.size // y.shape[axis]) // samples)
+                sample = seen[p.name] + np.arange(samples)
+                held_samples[p.name] += int(np.sum(sample % _HOLDOUT == 1))
+                held = (seen[p.name] + pick // per_sample) % _HOLDOUT == 1
+                seen[p.name] += samples
+                train, check = systems[p.name]
+                train.add(zr[~held], yr[~held])
+                check.add(zr[held], yr[held])
         if batches == 0:
             raise BadInputError("tucker refit=on: the calibration data gave no batches")
         for p in fit:
-            ls = systems[p.name]
+            train, check = systems[p.name]
             w_old = p.last_w.reshape(p.last_w.shape[0], -1).T  # type: ignore[union-attr]
-            before = ls.residual(w_old, p.last_b if ls.bias else None)
-            w_new, b_new = ls.solve()
-            after = ls.residual(w_new, b_new)
-            p.figures["refit_rows"] = ls.count
-            p.figures["refit_error_before"] = round(before, 6)
-            p.figures["refit_error_after"] = round(after, 6)
-            if after < before:
-                p.last_w = w_new.T.reshape(p.last_w.shape)  # type: ignore[union-attr]
-                p.last_b = b_new
-                p.figures["refit"] = "applied"
-                p.new_bias = b_new is not None
-            else:
-                p.figures["refit"] = "kept the decomposition (no improvement on the calibration data)"
+            r = dec.validated_refit(train, check, w_old, p.last_b, held_samples=held_samples[p.name])
+            p.figures["refit_rows"] = train.count + check.count
+            p.figures["refit_heldout_rows"] = check.count
+            p.figures["refit_error_before"] = round(r.calib_before, 6)  # type: ignore[arg-type]
+            p.figures["refit_error_after"] = round(r.calib_after if r.applied else r.calib_before, 6)  # type: ignore[arg-type]
+            if r.heldout_before is not None:
+                p.figures["refit_heldout_error_before"] = round(r.heldout_before, 6)
+                p.figures["refit_heldout_error_after"] = round(r.heldout_after if r.applied else r.heldout_before, 6)  # type: ignore[arg-type]
+            if not r.applied and r.heldout_after is not None:
+                p.figures["refit_candidate_heldout_error"] = round(r.heldout_after, 6)
+            p.figures["refit"] = r.reason
+            if r.applied:
+                p.last_w = r.w.T.reshape(p.last_w.shape)  # type: ignore[union-attr]
+                p.last_b = r.b
+                p.figures["refit_ridge"] = r.ridge
+                p.new_bias = r.b is not None
         figures["refit_batches"] = batches
+        figures["refit_applied"] = sum(p.figures["refit"] == "applied" for p in fit)
 
     def _head_nodes(self, plan: _Plan) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto], str]:
         """Probe nodes computing the chain up to (not including) its last layer from the layer's input."""
@@ -692,3 +754,13 @@ class TuckerPass(Pass):
 
 def _known(shape) -> bool:
     return shape is not None and len(shape) > 0 and all(isinstance(d, int) and d > 0 for d in shape)
+
+
+def _weight_problem(w: np.ndarray) -> str | None:
+    """Why a weight cannot be factored (NaN / inf, all zero), or None."""
+    total = float(np.sum(w, dtype=np.float64))  # NaN / inf propagate; float32 values cannot overflow it
+    if not math.isfinite(total):
+        return "weight holds NaN or inf values"
+    if not np.any(w):
+        return "weight is all zeros (nothing to factor)"
+    return None
