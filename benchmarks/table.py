@@ -70,7 +70,7 @@ def load_cases(names: list[str] | None, quick: bool) -> list[Case]:
     if not names or "ppocr_cls" in names:
         cases.append(Case("ppocr_cls", evaldata.ppocr_cls_model_path(),
                           evaldata.ppocr_cls_dataset(n=200 if quick else 600, seed=1),
-                          evaldata.ppocr_cls_dataset(n=64, seed=2),
+                          evaldata.ppocr_cls_dataset(n=128, seed=2),
                           "PP-OCR mobile v2.0 text orientation, rendered lines"))
     return cases
 
