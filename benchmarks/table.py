@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!benchmarks/out"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     stamp = (f"measured {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC on commit {commit or '?'}"
              f"{' (+uncommitted changes)' if dirty else ''}, onnxcomp {onnxcomp.__version__}")
     pipelines = [tuple(p.split("=", 1)) for p in args.pipeline] or PIPELINES
