@@ -129,7 +129,7 @@ class CostContext:
         self.model = model
         self.index = GraphIndex(model)
         self.input_shapes = input_shapes or {}
-        self.shapes = static_shapes(weightless(model), input_shapes)
+        self.shapes = static_shapes(model, input_shapes)
         self.functions = {(f.domain, f.name): f for f in model.functions}
         self._cones: dict[str, tuple[tuple[str, ...], tuple[str, ...]] | None] = {}
         self._elem_types: dict[str, int] | None = None
@@ -256,32 +256,6 @@ class CostContext:
     def function_cost(self, node: onnx.NodeProto) -> LayerCost:
         """Cost of a call to a model-local function, from its body at this call's input shapes."""
         return _function_cost(self, node)
-
-
-def weightless(model: onnx.ModelProto, max_elements: int = 4096) -> onnx.ModelProto:
-    """A copy of `model` for shape inference: initializers larger than `max_elements` become typed
-    graph inputs of the same shape (small ones, such as Reshape targets, stay for data propagation).
-    Avoids copying and re-serializing hundreds of MB of weights just to infer shapes."""
-    out = onnx.ModelProto()
-    out.ir_version = model.ir_version
-    out.opset_import.extend(model.opset_import)
-    out.functions.extend(model.functions)
-    g, src = out.graph, model.graph
-    g.name = src.name
-    g.node.extend(src.node)
-    g.input.extend(src.input)
-    g.output.extend(src.output)
-    g.value_info.extend(src.value_info)
-    declared = {i.name for i in src.input}
-    for t in src.initializer:
-        if math.prod(t.dims) <= max_elements and t.data_location != onnx.TensorProto.EXTERNAL:
-            g.initializer.append(t)
-        elif t.name not in declared:
-            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        else:  # an IR<4 model lists the initializer as an input too: keep that declaration
-            pass
-    g.sparse_initializer.extend(src.sparse_initializer)
-    return out
 
 
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import onnx
+from onnx import helper
 
 from onnxcomp.errors import BadInputError
 
@@ -83,13 +86,36 @@ def resolve_input_shape(model: onnx.ModelProto, name: str, given: dict[str, list
     return dims
 
 
+def weightless(model: onnx.ModelProto, max_elements: int = 4096) -> onnx.ModelProto:
+    """A skeleton of `model` for shape inference: initializers larger than `max_elements` (or stored
+    externally) become typed graph inputs of the same shape; small ones, such as Reshape targets,
+    stay for data propagation. Old value_info is left out. Copies no large weight, so inference is
+    fast and the 2 GB protobuf limit does not apply."""
+    out = onnx.ModelProto()
+    out.ir_version = max(model.ir_version, 4)  # initializers need not be inputs from IR 4 on
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(model.functions)
+    g, src = out.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    declared = {i.name for i in src.input}
+    for t in src.initializer:
+        if math.prod(t.dims) <= max_elements and t.data_location != onnx.TensorProto.EXTERNAL:
+            g.initializer.append(t)
+        elif t.name not in declared:  # an IR<4 model already declares it as an input
+            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    g.sparse_initializer.extend(src.sparse_initializer)
+    return out
+
+
 def static_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> dict[str, tuple]:
-    """Shape of every tensor onnx can infer once the inputs are concrete (unknown dims are None)."""
+    """Shape of every tensor onnx can infer once the inputs are concrete (unknown dims are None).
+    Runs on `weightless(model)`: no weight is copied."""
     given = input_shapes or {}
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    del work.graph.value_info[:]
-    inits = {t.name for t in work.graph.initializer}
+    work = weightless(model)
+    inits = {t.name for t in model.graph.initializer}
     for vi in work.graph.input:
         if vi.name in inits or not vi.type.HasField("tensor_type"):
             continue

@@ -52,6 +52,7 @@ from onnxcomp.passes.base import (
     PassResult,
     option,
 )
+from onnxcomp.shapes import weightless
 
 # Ops never evaluated at compile time: random, stateful, or deliberate decompression steps.
 _NEVER_FOLD = frozenset(
@@ -887,21 +888,7 @@ class _Normalizer:
         (big initializers become typed inputs), so no weight is copied and the 2 GB limit does not
         apply. Symbolic dims stay symbolic. Returns "ok" or why it failed (the model is still valid)."""
         g = out.graph
-        skel = onnx.ModelProto()
-        skel.ir_version = max(out.ir_version, 4)
-        skel.opset_import.extend(out.opset_import)
-        skel.functions.extend(out.functions)
-        sg = skel.graph
-        sg.name = g.name
-        sg.input.extend(g.input)
-        sg.output.extend(g.output)
-        sg.node.extend(g.node)
-        for t in g.initializer:
-            n = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
-            if n <= _SKELETON_MAX_ELEMENTS and t.data_location != onnx.TensorProto.EXTERNAL:
-                sg.initializer.append(t)
-            else:
-                sg.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        skel = weightless(out, _SKELETON_MAX_ELEMENTS)
         error = ""
         inferred = None
         for data_prop in (True, False):
