@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from _tiny_models import tiny_cnn
 
 from onnxcomp.data import random_source
 from onnxcomp.errors import BadInputError
 from onnxcomp.passes.base import REWRITTEN, SKIPPED, Context
 from onnxcomp.pipeline import Pipeline
-from tests._tiny_models import tiny_cnn
 
 
 def _ctx(model: onnx.ModelProto) -> Context:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import make_conv_model, ort_run
+from _helpers import make_conv_model, ort_run
 from onnx import numpy_helper
 
 import onnxcomp.model as model_mod

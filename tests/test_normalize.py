@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import make_conv_model, ort_run, random_feeds
+from _helpers import make_conv_model, ort_run, random_feeds
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp.model import max_runtime_ir_version, model_bytes

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import onnx
 import pytest
+from _helpers import ort_run
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp import analysis
@@ -16,7 +17,6 @@ from onnxcomp.errors import BadInputError, PipelineSyntaxError
 from onnxcomp.graph import GraphIndex, attr
 from onnxcomp.model import model_bytes
 from onnxcomp.passes.base import REWRITTEN, SKIPPED, Context, get_pass
-from tests.conftest import ort_run
 
 Tucker = get_pass("tucker")
 
