@@ -1051,3 +1051,71 @@ def _query(query: str, where: str) -> dict[str, str]:
     except ValueError:
         raise BadInputError(f"{where}: cannot parse options '{query}' (expected key=value&key=value)") from None
     return dict(pairs)
+
+
+# --------------------------------------------------------------------------------------------
+# held-out split (the guard checks on samples the passes never fitted on)
+# --------------------------------------------------------------------------------------------
+HOLDOUT_FRACTION_EIGHTHS = 2  # 2/8: a quarter of the samples is held out
+HOLDOUT_CAP = 256  # at most this many held-out samples (the rest calibrate)
+
+
+def _held_mask(start: int, n: int) -> np.ndarray:
+    """Which of samples start..start+n-1 are held out: Fibonacci hashing of the sample index, so the
+    choice is deterministic, independent of batching, and unbiased on data ordered by class (an
+    every-4th rule keeps only odd classes of a 62-class round-robin set)."""
+    idx = np.arange(start + 1, start + n + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        h = idx * np.uint64(0x9E3779B97F4A7C15)
+    return (h >> np.uint64(61)) < HOLDOUT_FRACTION_EIGHTHS
+
+
+class SubsetSource(DataSource):
+    """One side of a held-out split of `parent`: `held=True` yields the held-out samples (at most
+    `cap`), `held=False` every other sample. Both sides together are the parent, each sample once."""
+
+    def __init__(self, parent: DataSource, held: bool, cap: int = HOLDOUT_CAP):
+        self.parent, self.held, self.cap = parent, held, cap
+        self.input_names = list(parent.input_names)
+        self.has_labels = parent.has_labels
+        self.batch_size = parent.batch_size
+        self.exact = bool(getattr(parent, "exact", False))
+        self.dtypes: dict[str, np.dtype] = {}
+        what = f"held-out samples (up to {cap})" if held else "calibration samples (held-out ones excluded)"
+        self.description = f"{parent.description}, {what}"
+        self.num_samples = None
+        if parent.num_samples is not None:
+            m = self._select(0, parent.num_samples, 0)
+            n = int(np.count_nonzero(m))
+            if self.exact:
+                n -= n % self.batch_size
+            self.num_samples = n
+
+    def _select(self, start: int, n: int, held_before: int) -> np.ndarray:
+        held = _held_mask(start, n)
+        order = np.cumsum(held) + held_before
+        held &= order <= self.cap
+        return held if self.held else ~held
+
+    def _chunks(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        start = held_seen = 0
+        for feeds, labels in self.parent.batches():
+            n = int(next(iter(feeds.values())).shape[0])
+            for name, v in feeds.items():
+                if v.ndim == 0 or v.shape[0] != n:
+                    raise BadInputError(f"{self.parent.description}: input '{name}' has no sample axis to hold samples out of")
+            held = _held_mask(start, n)
+            take = self._select(start, n, held_seen)
+            held_seen += int(np.count_nonzero(held))
+            start += n
+            if take.any():
+                yield {k: v[take] for k, v in feeds.items()}, None if labels is None else labels[take]
+
+    def batches(self) -> Iterator[Batch]:
+        return _rebatch(self._chunks(), self.batch_size, self.exact, self.num_samples, self.dtypes)
+
+
+def holdout_split(source: DataSource, cap: int = HOLDOUT_CAP) -> tuple[DataSource, DataSource]:
+    """(calibration part, held-out part) of `source`: a quarter of its samples, at most `cap`, are
+    held out (see `_held_mask`)."""
+    return SubsetSource(source, held=False, cap=cap), SubsetSource(source, held=True, cap=cap)

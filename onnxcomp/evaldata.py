@@ -78,6 +78,7 @@ DEFAULT_N = {
     ("test", "digits"): 10 * 100,
 }
 
+PPOCR_REC_SHAPE = (3, 48, 320)
 PPOCR_CLS_SHAPE = (3, 48, 192)  # rapidocr config.yaml: Cls.cls_image_shape
 PPOCR_CLS_LABELS = ("0", "180")  # rapidocr config.yaml: Cls.label_list
 
@@ -523,6 +524,49 @@ def ppocr_cls_dataset(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     return x, labels
 
 
+def ppocr_rec_dataset(n: int = 128, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """Upright rendered text lines for PP-OCR's recognizer: x float32 (n, 3, 48, 320) and their texts.
+
+    Preprocessed as rapidocr's TextRecognizer does at its base width 320 (height 48 keeping the
+    aspect ratio, width capped, [-1, 1], zero-padded on the right). The recognizer's output is
+    [N, T, 6625] CTC scores: a sequence-kind output.
+    """
+    images, labels, texts = render_text_lines(2 * int(n), seed)
+    keep = [i for i in range(len(images)) if labels[i] == 0][: int(n)]
+    x = np.zeros((len(keep), *PPOCR_REC_SHAPE), dtype=np.float32)
+    for j, i in enumerate(keep):
+        x[j] = ppocr_cls_preprocess(images[i], PPOCR_REC_SHAPE)
+    return x, [texts[i] for i in keep]
+
+
+def ppocr_det_dataset(n: int = 32, seed: int = 0, size: int = 320) -> np.ndarray:
+    """Rendered pages of 3-6 text lines for PP-OCR's detector: float32 (n, 3, size, size), normalised
+    as rapidocr's TextDetector does (x / 255 - ImageNet mean) / std; its output is a [N, 1, H, W]
+    probability map (a regress-kind output)."""
+    images, labels, _ = render_text_lines(12 * int(n), seed)
+    upright = [img for img, lab in zip(images, labels, strict=True) if lab == 0]
+    mean = np.asarray([0.485, 0.456, 0.406], dtype=np.float32)
+    std = np.asarray([0.229, 0.224, 0.225], dtype=np.float32)
+    out = np.zeros((int(n), 3, size, size), dtype=np.float32)
+    rng = _Stream(seed, 7, 2).uniform((int(n), 16))
+    k = 0
+    for i in range(int(n)):
+        page = np.full((size, size, 3), 235.0, dtype=np.float32)
+        y = int(rng[i, 0] * 20)
+        for j in range(3 + int(rng[i, 1] * 4)):
+            img = upright[k % len(upright)]
+            k += 1
+            h, w = img.shape[:2]
+            h, w = min(h, size - y), min(w, size - 8)
+            if h < 8:
+                break
+            x0 = int(rng[i, 2 + j] * max(size - w - 8, 1)) + 4
+            page[y:y + h, x0:x0 + w] = img[:h, :w]
+            y += h + int(rng[i, 8 + j] * 16)
+        out[i] = ((page / 255.0 - mean) / std).transpose(2, 0, 1)
+    return out
+
+
 def ppocr_cls_model_path() -> Path:
     """Path of the PP-OCR mobile v2.0 orientation classifier shipped inside rapidocr-onnxruntime."""
     spec = importlib.util.find_spec("rapidocr_onnxruntime")
@@ -587,17 +631,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("-n", type=int, default=400)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--input-name", default="x")
+    r = sub.add_parser("ppocr-rec", help="upright text lines for the PP-OCR recognizer (3x48x320, no labels)")
+    r.add_argument("out")
+    r.add_argument("-n", type=int, default=128)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--input-name", default="x")
+    d = sub.add_parser("ppocr-det", help="rendered pages for the PP-OCR detector (3x320x320, no labels)")
+    d.add_argument("out")
+    d.add_argument("-n", type=int, default=32)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--input-name", default="x")
     args = ap.parse_args(argv)
     try:
+        y = None
         if args.kind == "glyphs":
             x, y = glyph_dataset(args.split, args.task, args.size, args.n, args.seed)
-        else:
+        elif args.kind == "ppocr-cls":
             x, y = ppocr_cls_dataset(args.n, args.seed)
+        elif args.kind == "ppocr-rec":
+            x, _ = ppocr_rec_dataset(args.n, args.seed)
+        else:
+            x = ppocr_det_dataset(args.n, args.seed)
         save_npz(args.out, x, y, args.input_name)
     except BadInputError as exc:
         print(f"error: {exc}")
         return exc.exit_code
-    print(f"wrote {args.out}: {args.input_name} {x.shape} {x.dtype}, labels {y.shape}")
+    print(f"wrote {args.out}: {args.input_name} {x.shape} {x.dtype}" + (f", labels {y.shape}" if y is not None else ""))
     return 0
 
 

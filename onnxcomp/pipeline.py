@@ -15,9 +15,19 @@ from typing import Any
 import onnx
 
 from onnxcomp.errors import BadInputError, PipelineSyntaxError, ValidationFailed, first_line
+from onnxcomp.guard import Guard, measured_costs
 from onnxcomp.model import runtime_compatible
-from onnxcomp.passes.base import REWRITTEN, Context, Pass, _jsonable, get_pass
-from onnxcomp.tolerance import Tolerance
+from onnxcomp.passes.base import (
+    REWRITTEN,
+    SKIPPED,
+    Context,
+    LayerRecord,
+    Pass,
+    PassResult,
+    _jsonable,
+    get_pass,
+)
+from onnxcomp.tolerance import AnyTolerance, tolerance_from_mapping
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
@@ -115,12 +125,8 @@ def builtin_recipes() -> dict[str, Path]:
     return out
 
 
-def load_recipe(path_or_name: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """A recipe file (YAML or JSON) or a built-in recipe name -> [(pass name, options)].
-
-    Format: `pipeline:` a list whose items are a pass name, or a one-key mapping name -> options,
-    or a string in pipeline syntax.
-    """
+def _read_recipe(path_or_name: str | Path) -> tuple[Path, Any]:
+    """(path, parsed document) of a recipe file or built-in recipe name."""
     recipes = builtin_recipes()
     path = recipes.get(str(path_or_name), Path(path_or_name))
     if not path.exists():
@@ -142,6 +148,24 @@ def load_recipe(path_or_name: str | Path) -> list[tuple[str, dict[str, Any]]]:
             doc = yaml.safe_load(text)
     except Exception as exc:
         raise PipelineSyntaxError(f"recipe {path}: cannot parse ({first_line(exc)})") from None
+    return path, doc
+
+
+def load_recipe_tolerance(path_or_name: str | Path) -> AnyTolerance | None:
+    """The recipe's `tolerance:` (criteria, or criteria per output kind; see onnxcomp.tolerance), or None."""
+    path, doc = _read_recipe(path_or_name)
+    if not isinstance(doc, dict) or doc.get("tolerance") is None:
+        return None
+    return tolerance_from_mapping(doc["tolerance"], f"recipe {path}: tolerance")
+
+
+def load_recipe(path_or_name: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """A recipe file (YAML or JSON) or a built-in recipe name -> [(pass name, options)].
+
+    Format: `pipeline:` a list whose items are a pass name, or a one-key mapping name -> options,
+    or a string in pipeline syntax; optionally `tolerance:` (see `load_recipe_tolerance`).
+    """
+    path, doc = _read_recipe(path_or_name)
     steps = doc.get("pipeline") if isinstance(doc, dict) else doc
     if not isinstance(steps, list) or not steps:
         raise PipelineSyntaxError(f"recipe {path}: expected a non-empty list under 'pipeline'")
@@ -169,6 +193,7 @@ class PassReport:
     figures: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] | None = None
     rolled_back: list[str] = field(default_factory=list)
+    guard: dict[str, Any] | None = None  # the guard's repair (onnxcomp.guard.Repair.as_dict), if any
 
     @property
     def rewritten(self) -> int:
@@ -186,6 +211,8 @@ class Report:
     after: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] | None = None
     seconds: float = 0.0
+    guard: dict[str, Any] | None = None  # tolerance, data, samples, output kinds, seconds
+
 
     def as_dict(self) -> dict[str, Any]:
         return _jsonable(
@@ -196,6 +223,7 @@ class Report:
                 "before": self.before,
                 "after": self.after,
                 "validation": self.validation,
+                "guard": self.guard,
                 "passes": [
                     {
                         "name": p.name,
@@ -205,6 +233,7 @@ class Report:
                         "figures": p.figures,
                         "validation": p.validation,
                         "rolled_back": p.rolled_back,
+                        "guard": p.guard,
                         "layers": p.layers,
                     }
                     for p in self.passes
@@ -219,8 +248,9 @@ class Report:
 class Pipeline:
     """An ordered list of configured passes."""
 
-    def __init__(self, passes: list[Pass]):
+    def __init__(self, passes: list[Pass], tolerance: AnyTolerance | None = None):
         self.passes = list(passes)
+        self.tolerance = tolerance  # what the recipe says the result must hold (None: not stated)
 
     def __str__(self) -> str:
         return ",".join(repr(p) for p in self.passes)
@@ -257,7 +287,9 @@ class Pipeline:
             return cls(passes)
         text = str(spec).strip()
         if text in builtin_recipes() or text.endswith((".yaml", ".yml", ".json")):
-            return cls.from_steps(load_recipe(text), normalize)
+            pipe = cls.from_steps(load_recipe(text), normalize)
+            pipe.tolerance = load_recipe_tolerance(text)
+            return pipe
         return cls.from_steps(parse_pipeline_string(text), normalize)
 
     def run(
@@ -265,51 +297,67 @@ class Pipeline:
         model: onnx.ModelProto,
         ctx: Context | None = None,
         *,
-        tolerance: Tolerance | None = None,
+        tolerance: AnyTolerance | None = None,
         validate: bool = False,
         validate_each: bool = False,
         on_fail: str = "stop",
-        max_rollbacks: int = 8,
+        max_rollbacks: int | None = None,
+        guard: Guard | None = None,
     ) -> tuple[onnx.ModelProto, Report]:
-        """Run every pass. With `validate`, the final model is checked against the input; with
-        `validate_each`, every pass is, and a pass that breaks `tolerance` either stops the run
-        (ValidationFailed, naming the worst layer) or, with on_fail="rollback", is re-run without
-        its worst layers until it passes."""
+        """Run every pass.
+
+        With a `guard` (onnxcomp.guard.Guard, whose reference is `model`), every pass that changed
+        the model is checked against `model` on the guard's data; a failing pass is repaired (or,
+        with the guard's on_fail="stop", stops the run with ValidationFailed) and the final model is
+        checked too. `validate_each` builds such a guard from `ctx` (held-out samples of its data,
+        else random inputs; on_fail "rollback"/"repair" repairs, "stop" stops, at most
+        `max_rollbacks` layers put back per pass). With `validate` alone, the final model is checked
+        against the input on `ctx`'s data. ValidationFailed carries the report (and the final model
+        when only the final check failed).
+        """
         from onnxcomp import analysis, validation
 
         ctx = ctx or Context()
+        if guard is None and validate_each:
+            guard, ctx = guard_for(model, ctx, tolerance, on_fail="repair" if on_fail in ("rollback", "repair") else "stop",
+                                   max_restore=max_rollbacks)
         report = Report(pipeline=str(self), seed=ctx.seed)
         t_start = time.perf_counter()
         report.before = analysis.summary(model, ctx.input_shapes)
         original = model
         current = model
+        if guard is not None:
+            pre = guard.preflight()
+            report.guard = {"tolerance": _tolerance_dict(guard.tolerance), "data": pre.data, "samples": pre.samples,
+                            "kinds": pre.summary()["kinds"]}
         rewritten: list = []  # every pass's rewritten LayerRecords, for the final check's worst layer
         for p in self.passes:
             t0 = time.perf_counter()
             if p.needs_data and ctx.data is None:
                 raise BadInputError(f"pass '{p.name}' needs calibration data: give --data")
             result = p.run(current, ctx)
-            prev_report = None
-            rolled_back: list[str] = []
-            if validate_each and p.name != "normalize" and result.modified:
-                configured = p  # rollbacks add to the user's own exclude, not to the previous retry's
-                check = validation.compare(current, result.model, ctx, tolerance, layers=result.layers)
-                while not check.passed and on_fail == "rollback" and len(rolled_back) < max_rollbacks:
-                    worst = culprit_layer(check, current)
-                    if worst is None:
-                        break
-                    rolled_back.append(worst)
-                    p = _with_excluded(configured, rolled_back)
-                    result = p.run(current, ctx)
-                    check = validation.compare(current, result.model, ctx, tolerance, layers=result.layers)
-                prev_report = check.as_dict()
+            check_dict = None
+            repair = None
+            if guard is not None and p.name != "normalize" and result.modified:
+                check = guard.check(result.model)
+                if not check.passed and guard.on_fail == "repair":
+                    p, repaired, check, repair = guard.repair(p, current, ctx, result, check)
+                    if repaired is None:  # nothing of the pass can stay: the model stays as it was
+                        result = PassResult(model=current, layers=[_restored(r) for r in result.layers],
+                                            figures={"dropped_by_guard": True})
+                    else:
+                        result = repaired
+                check_dict = check.as_dict()
                 if not check.passed:
-                    report.passes.append(self._pass_report(p, result, t0, prev_report, rolled_back))
+                    # the same verdict with every rewritten layer's error, for the report
+                    check_dict = guard.check(result.model, layers=result.layers).as_dict()
+                    costs = guard.layer_costs(current, result)
+                    check_dict["layer_costs"] = [c.as_dict() for c in costs]
+                    report.passes.append(self._pass_report(p, result, t0, check_dict, repair))
                     report.seconds = time.perf_counter() - t_start
-                    culprit = culprit_layer(check, current)
-                    where = f"; worst layer {culprit}" if culprit else ""
+                    where = f"; worst layer {costs[0].node}" if costs else ""
                     raise ValidationFailed(f"pass '{p.name}' broke the tolerance ({check.describe()}){where}", report)
-            report.passes.append(self._pass_report(p, result, t0, prev_report, rolled_back))
+            report.passes.append(self._pass_report(p, result, t0, check_dict, repair))
             rewritten.extend(r for r in result.layers if r.action == REWRITTEN and r.output)
             current = result.model
         if current is original:  # no pass made a new model: never stamp the caller's
@@ -317,13 +365,21 @@ class Pipeline:
             current.CopyFrom(original)
         runtime_compatible(current)
         _set_metadata(current, "onnxcomp.pipeline", str(self))
-        if validate:
-            check = validation.compare(original, current, ctx, tolerance, layers=rewritten or None)
+        if guard is not None or validate:
+            if guard is not None:  # always: errors that build up across passes, each within tolerance
+                check = guard.check(current)
+                report.guard["seconds"] = round(guard.seconds, 3)
+            else:
+                check = validation.compare(original, current, ctx, tolerance, layers=rewritten or None)
             report.validation = check.as_dict()
             report.after = analysis.summary(current, ctx.input_shapes)
             report.seconds = time.perf_counter() - t_start
             if not check.passed:
-                culprit = culprit_layer(check, original)
+                if guard is None:
+                    culprit = culprit_layer(validation.compare(original, current, ctx, None, layers=rewritten),
+                                            original) if rewritten else None
+                else:
+                    culprit = None
                 where = f"; worst layer {culprit}" if culprit else ""
                 raise ValidationFailed(f"final model broke the tolerance ({check.describe()}){where}", report, current)
         report.after = analysis.summary(current, ctx.input_shapes)
@@ -331,7 +387,7 @@ class Pipeline:
         return current, report
 
     @staticmethod
-    def _pass_report(p: Pass, result, t0: float, validation_dict, rolled_back) -> PassReport:
+    def _pass_report(p: Pass, result, t0: float, validation_dict, repair) -> PassReport:
         return PassReport(
             name=p.name,
             config=p.config.as_dict(),
@@ -339,41 +395,60 @@ class Pipeline:
             layers=[r.as_dict() for r in result.layers],
             figures=dict(result.figures),
             validation=validation_dict,
-            rolled_back=list(rolled_back),
+            rolled_back=[c.node for c in repair.restored] if repair is not None else [],
+            guard=repair.as_dict() if repair is not None else None,
         )
 
 
 def culprit_layer(check: Any, ref: onnx.ModelProto) -> str | None:
-    """The rewritten layer most likely to have caused a failed check.
-
-    A layer's measured error includes the error of every rewritten layer upstream of it, so the
-    layer with the largest error is often an innocent one downstream of the culprit, and the first
-    layer of a chain of equally lossy rewrites is not the culprit either. Blame goes to the largest
-    *increment*: a layer's relative error minus the largest relative error among the rewritten
-    layers upstream of it (in `ref`, the pass's input). Falls back to `check.worst_layer`.
-    """
-    errs = {lc.output: lc for lc in getattr(check, "layers", []) if lc.rel_err == lc.rel_err}
-    if not errs:
+    """The rewritten layer most likely to have caused a failed check: the largest error *increment*
+    (onnxcomp.guard.measured_costs), since a layer's error includes what it inherits from rewritten
+    layers upstream. Falls back to `check.worst_layer`."""
+    costs = measured_costs(check, ref)
+    if not costs:
         return getattr(check, "worst_layer", None)
-    producer = {o: n for n in ref.graph.node for o in n.output if o}
+    return max(costs, key=lambda c: (c.cost, c.rel_err)).node
 
-    def upstream(tensor: str) -> set[str]:
-        seen: set[str] = set()
-        stack = list(producer[tensor].input) if tensor in producer else []
-        while stack:
-            t = stack.pop()
-            if t in seen or not t:
-                continue
-            seen.add(t)
-            if t in producer:
-                stack.extend(producer[t].input)
-        return seen
 
-    def increment(lc: Any) -> float:
-        inherited = max((errs[t].rel_err for t in upstream(lc.output) if t in errs), default=0.0)
-        return lc.rel_err - inherited
+def guard_for(model: onnx.ModelProto, ctx: Context, tolerance: AnyTolerance | None, **options: Any
+              ) -> tuple[Guard, Context]:
+    """A guard for `model` and the context the passes should then see: with data, the guard checks
+    on held-out samples (onnxcomp.data.holdout_split) and the passes calibrate on the rest; without,
+    the guard checks on random inputs from the context's shapes and seed. BadInputError when the data
+    is too small to hold any samples out."""
+    import dataclasses
 
-    return max(errs.values(), key=lambda lc: (increment(lc), lc.rel_err, lc.max_abs_err)).node
+    from onnxcomp.data import holdout_split
+    from onnxcomp.validation import resolve_source
+
+    if ctx.data is None:
+        return Guard(model, resolve_source(model, ctx), tolerance, **options), ctx
+    source = resolve_source(model, ctx)
+    fit, held = holdout_split(source)
+    n_held = held.num_samples if held.num_samples is not None else sum(
+        int(next(iter(f.values())).shape[0]) for f, _ in held.batches())
+    if n_held < MIN_HELD_OUT:
+        total = source.num_samples if source.num_samples is not None else "too few"
+        raise BadInputError(f"{source.description}: {total} samples hold out only {n_held} for the guard "
+                            f"(it needs {MIN_HELD_OUT}, so about {4 * MIN_HELD_OUT} samples); give more data or --no-guard")
+    return Guard(model, held, tolerance, **options), dataclasses.replace(ctx, data=fit)
+
+
+MIN_HELD_OUT = 8
+
+
+def _restored(record: LayerRecord) -> LayerRecord:
+    """A rewritten layer's record after the guard dropped its whole pass."""
+    import dataclasses
+
+    if record.action != REWRITTEN:
+        return record
+    return dataclasses.replace(record, action=SKIPPED, reason="restored by the guard (the whole pass broke the tolerance)",
+                               params_after=record.params_before, macs_after=record.macs_before, figures={})
+
+
+def _tolerance_dict(tol: AnyTolerance | None) -> dict | None:
+    return tol.as_dict() if tol is not None else None
 
 
 def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
@@ -383,12 +458,3 @@ def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
     for k, v in keep:
         model.metadata_props.add(key=k, value=v)
     model.metadata_props.add(key=key, value=value)
-
-
-def _with_excluded(p: Pass, names: list[str]) -> Pass:
-    """A copy of pass `p` whose exclude regex also matches the given node names exactly."""
-    import dataclasses
-
-    extra = "|".join(f"^{re.escape(n)}$" for n in names)
-    exclude = f"(?:{p.config.exclude})|{extra}" if p.config.exclude else extra
-    return type(p)(dataclasses.replace(p.config, exclude=exclude))

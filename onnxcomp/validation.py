@@ -9,9 +9,16 @@ written, as onnxsim does). Figures per output, accumulated batch by batch (no ou
   the reference from dividing by nothing);
 * cosine (per sample: the output's values for one sample, flattened; min and mean over samples);
 * sqnr_db: 10 log10(sum ref^2 / sum (cand - ref)^2) (inf when identical);
-* for classifier-shaped outputs ([N, C], C > 1, trailing 1-dims ignored): top-1 agreement (same
-  argmax) and top-5 agreement (the reference's top-1 class is in the candidate's top 5), in percent;
-  with labels, the top-1 / top-5 accuracy of each model.
+* each output's kind (onnxcomp.tolerance.KINDS), inferred from its shape or forced with `task`:
+  - classify ([N, C], C > 1, trailing 1-dims ignored): top-1 agreement (same argmax) and top-5
+    agreement (the reference's top-1 class is in the candidate's top 5), in percent; with labels,
+    the top-1 / top-5 accuracy of each model;
+  - sequence ([N, T, C]) and dense ([N, C, H, W, ...]): argmax agreement per position (pixel) as
+    `top1_agreement`, and `sequence_agreement`, the percent of samples whose whole argmax sequence
+    (map) is unchanged;
+  - regress: the figures above only;
+* with a user metric (onnxcomp.metrics.UserMetric), its score on the reference's own outputs and on
+  the candidate's, and the drop between them.
 
 NaNs and infinities at the same place in both models count as equal; anywhere else they are an
 infinite error and fail the check even when no tolerance is given. Input data must be finite (a
@@ -31,7 +38,7 @@ import numpy as np
 import onnx
 
 from onnxcomp.errors import BadInputError
-from onnxcomp.tolerance import Tolerance
+from onnxcomp.tolerance import ARGMAX_KINDS, KINDS, AnyTolerance, Tolerance
 
 REL_FLOOR = 1e-6
 _CHUNK = 1 << 20  # values per float64 block (a few such temporaries are alive at once)
@@ -197,6 +204,62 @@ class _TopK:
             self.cand_correct5 += int((c_top == lab[:, None]).any(axis=1).sum())
 
 
+@dataclass
+class _Argmax:
+    """Argmax agreement of a sequence ([N, T, C], class axis last) or dense ([N, C, ...]) output."""
+
+    axis: int
+    positions: int = 0
+    agree: int = 0
+    samples: int = 0
+    agree_all: int = 0
+
+    def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        same = np.argmax(ref, axis=self.axis) == np.argmax(cand, axis=self.axis)
+        self.positions += int(same.size)
+        self.agree += int(np.count_nonzero(same))
+        self.samples += int(same.shape[0])
+        self.agree_all += int(np.count_nonzero(same.reshape(same.shape[0], -1).all(axis=1)))
+
+
+def infer_kind(shape: Sequence[int], samples: int) -> str:
+    """The output kind a shape suggests (see onnxcomp.tolerance.KINDS); `samples` is the batch's N."""
+    dims = list(shape)
+    if len(dims) < 2 or dims[0] != samples:
+        return "regress"
+    if dims[1] > 1 and all(d == 1 for d in dims[2:]):
+        return "classify"
+    if len(dims) == 3 and dims[1] > 1 and dims[2] > 1:
+        return "sequence"
+    if len(dims) >= 4 and 1 < dims[1] <= 1000:
+        return "dense"
+    return "regress"
+
+
+def _kind_fits(kind: str, shape: Sequence[int], samples: int) -> str | None:
+    """None when an output of `shape` can be read as `kind`, else why not."""
+    dims = list(shape)
+    if kind == "regress":
+        return None
+    if len(dims) < 2 or dims[0] != samples:
+        return f"needs a leading sample axis, the output is shaped {dims}"
+    if kind == "classify" and (dims[1] < 2 or any(d != 1 for d in dims[2:])):
+        return f"needs [N, C] scores with C > 1, the output is shaped {dims}"
+    if kind == "sequence" and (len(dims) != 3 or dims[2] < 2):
+        return f"needs [N, T, C] with C > 1, the output is shaped {dims}"
+    if kind == "dense" and (len(dims) < 3 or dims[1] < 2):
+        return f"needs [N, C, ...] with C > 1, the output is shaped {dims}"
+    return None
+
+
+def _resolve_task(task: str | dict[str, str] | None, name: str) -> str | None:
+    if task is None:
+        return None
+    if isinstance(task, str):
+        return task
+    return task.get(name) or task.get("")
+
+
 def _classifier_view(x: np.ndarray, samples: int) -> np.ndarray | None:
     """(N, C) view of an output shaped [N, C] (trailing 1-dims allowed) with C > 1, else None."""
     if x.ndim < 2 or x.shape[0] != samples or any(d != 1 for d in x.shape[2:]) or x.shape[1] <= 1:
@@ -214,6 +277,7 @@ class OutputCheck:
     name: str
     shape: list[int]
     elements: int
+    kind: str
     max_abs_err: float
     mean_abs_err: float
     max_rel_err: float
@@ -227,6 +291,7 @@ class OutputCheck:
     cand_top1_acc: float | None = None
     ref_top5_acc: float | None = None
     cand_top5_acc: float | None = None
+    sequence_agreement: float | None = None
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -242,10 +307,19 @@ class OutputCheck:
             return 100.0 - self.top1_agreement
         return None
 
+    @property
+    def sequence_drop(self) -> float | None:
+        """Percent of samples whose argmax sequence (map) changed (sequence / dense outputs)."""
+        return None if self.sequence_agreement is None else 100.0 - self.sequence_agreement
+
     def brief(self) -> str:
-        parts = [f"max_abs_err {self.max_abs_err:.3g}", f"cosine {self.cosine_min:.6f}", f"SQNR {_db(self.sqnr_db)}"]
+        parts = [f"{self.kind}", f"max_abs_err {self.max_abs_err:.3g}", f"cosine {self.cosine_min:.6f}",
+                 f"SQNR {_db(self.sqnr_db)}"]
         if self.top1_agreement is not None:
-            parts.append(f"top-1 agreement {self.top1_agreement:.1f}%")
+            what = "top-1" if self.kind == "classify" else "per-position argmax"
+            parts.append(f"{what} agreement {self.top1_agreement:.2f}%")
+        if self.sequence_agreement is not None:
+            parts.append(f"whole sequences unchanged {self.sequence_agreement:.2f}%")
         if self.ref_top1_acc is not None:
             parts.append(f"top-1 acc {self.ref_top1_acc:.2f}% -> {self.cand_top1_acc:.2f}%")
         return ", ".join(parts)
@@ -267,19 +341,21 @@ class LayerCheck:
 class Check:
     """The verdict of one comparison and every figure behind it."""
 
-    tolerance: Tolerance | None
+    tolerance: AnyTolerance | None
     samples: int
     data: str
     has_labels: bool
     outputs: list[OutputCheck]
     layers: list[LayerCheck] = field(default_factory=list)
     layers_not_found: list[str] = field(default_factory=list)
+    metric: dict[str, Any] | None = None  # a user metric's scores (onnxcomp.metrics.MetricScore.as_dict)
 
     @property
     def passed(self) -> bool:
         """True when every output has finite values wherever the reference does and meets every
-        criterion of the tolerance (without a tolerance, only the first condition applies)."""
-        return all(o.passed for o in self.outputs)
+        criterion of the tolerance (without a tolerance, only the first condition applies), and a
+        user metric that drives the verdict holds its bound."""
+        return all(o.passed for o in self.outputs) and (self.metric is None or self.metric.get("passed", True))
 
     @property
     def worst_output(self) -> str | None:
@@ -307,9 +383,15 @@ class Check:
         verdict = "PASS" if self.passed else "FAIL"
         worst = self.worst_output
         text = verdict
+        if self.metric is not None:
+            m = self.metric
+            text += (f": metric {m['name']} {_num(m['reference'])} -> {_num(m['candidate'])}"
+                     f" (drop {_num(m['drop'])}" + (f", max {m['max_drop']:g})" if m.get("max_drop") is not None else ")"))
+            if not m.get("passed", True):
+                return f"{text}; {self.samples} samples of {self.data}"
         if worst is not None:
             o = self.output(worst)
-            text += f": output '{o.name}' {o.brief()}"
+            text += f"{';' if self.metric is not None else ':'} output '{o.name}' {o.brief()}"
             if o.failures:
                 text += f" [{'; '.join(o.failures)}]"
             others = [x.name for x in self.outputs if not x.passed and x.name != worst]
@@ -327,13 +409,20 @@ class Check:
             "min_cosine": min((o.cosine_min for o in self.outputs), default=None),
             "min_sqnr_db": min((o.sqnr_db for o in self.outputs), default=None),
         }
-        cls = [o for o in self.outputs if o.top1_agreement is not None]
+        out["kinds"] = {o.name: o.kind for o in self.outputs}
+        cls = [o for o in self.outputs if o.top1_agreement is not None and o.kind == "classify"]
         if cls:
             out["top1_agreement"] = min(o.top1_agreement for o in cls)
             out["top5_agreement"] = min(o.top5_agreement for o in cls)
             if self.has_labels:
                 out["ref_top1_acc"] = cls[0].ref_top1_acc
                 out["cand_top1_acc"] = cls[0].cand_top1_acc
+        seq = [o for o in self.outputs if o.sequence_agreement is not None]
+        if seq:
+            out["position_agreement"] = min(o.top1_agreement for o in seq)
+            out["sequence_agreement"] = min(o.sequence_agreement for o in seq)
+        if self.metric is not None:
+            out["metric"] = self.metric
         out["samples"] = self.samples
         return out
 
@@ -356,6 +445,10 @@ class Check:
         })
 
 
+def _num(v: Any) -> str:
+    return f"{v:.6g}" if isinstance(v, (int, float)) else str(v)
+
+
 def _db(v: float) -> str:
     if math.isinf(v):
         return "inf dB" if v > 0 else "-inf dB"
@@ -367,6 +460,7 @@ def _db(v: float) -> str:
 # --------------------------------------------------------------------------------------------
 RANDOM_SAMPLES = 8
 CAPTURE_BUDGET = 256 * 2**20  # bytes of captured layer activations (both models) per run
+REF_CACHE_BYTES = 1 << 30  # reference outputs kept between checks (onnxcomp.guard)
 
 
 def _field(record: Any, key: str, default: Any = "") -> Any:
@@ -442,10 +536,13 @@ def compare(
     ref: onnx.ModelProto | str,
     cand: onnx.ModelProto | str,
     ctx_or_source: Any,
-    tolerance: Tolerance | None,
+    tolerance: AnyTolerance | None,
     layers: Sequence[Any] | None = None,
     *,
     threads: int | None = None,
+    task: str | dict[str, str] | None = None,
+    metric: Any = None,
+    ref_cache: dict | None = None,
 ) -> Check:
     """Run `ref` and `cand` on identical inputs and judge every output against `tolerance`.
 
@@ -456,6 +553,13 @@ def compare(
     take (names, dtype kinds, ranks, fixed dims), non-finite input data, and data onnxruntime
     cannot run. A candidate that fixes a batch dim the reference leaves free runs in chunks of it;
     one whose inputs differ only in float precision gets the feeds cast to its dtype.
+
+    `task` forces output kinds: one kind for every output, or {output name: kind} ("" = the rest).
+    `metric` is an onnxcomp.metrics.UserMetric: it sees every output of every sample (kept in memory),
+    and its drop joins the verdict when it has a bound. `ref_cache` (a dict the caller keeps for one
+    reference model and one data source) stores the reference's outputs so later calls skip running
+    it; it is used only when no layer is captured. BadInputError when a forced kind does not fit
+    an output's shape, or a flat tolerance's task criterion applies to no output.
     """
     from onnxcomp.model import as_model
     from onnxcomp.passes.base import REWRITTEN
@@ -495,16 +599,25 @@ def compare(
                 not_found.append(node)
     captured = list(layer_nodes)
 
-    sessions = []
-    for what, m in (("reference", ref_m), ("candidate", cand_m)):
+    def session(what: str, m: onnx.ModelProto):
         try:
-            sessions.append(make_session(m, optimize=False, threads=threads, extra_outputs=captured))
+            return make_session(m, optimize=False, threads=threads, extra_outputs=captured)
         except BadInputError as exc:
             raise BadInputError(f"{what}: {exc}") from None
-    sess_r, sess_c = sessions
+
+    use_cache = ref_cache is not None and not captured
+    sess_c = session("candidate", cand_m)
+    sess_r = None if use_cache and ref_cache.get("complete") else session("reference", ref_m)
     names = ref_outs + captured
+    if isinstance(task, str) and task not in KINDS or isinstance(task, dict) and not set(task.values()) <= set(KINDS):
+        raise BadInputError(f"task {task!r}: expected one of {', '.join(KINDS)}")
     out_diff = {n: _Diff() for n in ref_outs}
     out_top: dict[str, _TopK | None] = {}
+    out_arg: dict[str, _Argmax | None] = {}
+    out_kind: dict[str, str] = {}
+    out_tol: dict[str, Tolerance | None] = {}
+    kept: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {n: ([], []) for n in ref_outs} if metric else {}
+    kept_labels: list[np.ndarray] = []
     out_shape: dict[str, list[int]] = {}
     layer_diff = {n: _Diff() for n in captured}
     samples = 0
@@ -514,8 +627,21 @@ def compare(
     splittable = chunk is not None or (bool(captured) and _fixed_batch(ref_m) is None)
     step: int | None = chunk
 
+    calls = [0]
+
     def run_once(feeds: dict[str, np.ndarray], labels: np.ndarray | None, n: int) -> int:
-        rv = run_session(sess_r, names, feeds, "reference")
+        key = calls[0]
+        calls[0] += 1
+        if use_cache and key in ref_cache:
+            rv = ref_cache[key]
+        else:
+            nonlocal sess_r
+            if sess_r is None:
+                sess_r = session("reference", ref_m)
+            rv = run_session(sess_r, names, feeds, "reference")
+            if use_cache and ref_cache.get("bytes", 0) < REF_CACHE_BYTES:
+                ref_cache[key] = rv
+                ref_cache["bytes"] = ref_cache.get("bytes", 0) + sum(getattr(v, "nbytes", 0) for v in rv)
         cand_feeds = {k: v.astype(casts[k]) if k in casts else v for k, v in feeds.items()}
         cv = run_session(sess_c, names, cand_feeds, "candidate")
         captured_bytes = 0
@@ -528,19 +654,36 @@ def compare(
                     f"{what} '{name}' has shape {list(r.shape)} in the reference but {list(c.shape)} in the candidate"
                 )
             if name in out_diff:
-                out_diff[name].add(r, c, n, tolerance)
                 if name not in out_shape:
                     out_shape[name] = list(r.shape)
                     per_sample[name] = r.ndim >= 1 and r.shape[0] == n
-                    out_top[name] = _TopK() if _classifier_view(r, n) is not None else None
+                    forced = _resolve_task(task, name)
+                    if forced is not None:
+                        why = _kind_fits(forced, r.shape, n)
+                        if why:
+                            raise BadInputError(f"output '{name}' cannot be read as task {forced}: {why}")
+                    kind = forced or infer_kind(r.shape, n)
+                    out_kind[name] = kind
+                    out_tol[name] = tolerance.for_kind(kind) if tolerance is not None else None
+                    out_top[name] = _TopK() if kind == "classify" else None
+                    out_arg[name] = _Argmax(axis=2 if kind == "sequence" else 1) if kind in ("sequence", "dense") else None
+                out_diff[name].add(r, c, n, out_tol[name])
                 top = out_top[name]
                 if top is not None:
                     rv2, cv2 = _classifier_view(r, n), _classifier_view(c, n)
                     if rv2 is not None and cv2 is not None:
                         top.add(rv2, cv2, labels)
+                arg = out_arg[name]
+                if arg is not None and r.ndim > arg.axis:
+                    arg.add(r, c)
+                if name in kept:
+                    kept[name][0].append(r)
+                    kept[name][1].append(c)
             else:
                 layer_diff[name].add(r, c, n, None)
                 captured_bytes += r.nbytes + c.nbytes
+        if metric is not None and labels is not None:
+            kept_labels.append(np.asarray(labels))
         return captured_bytes
 
     for feeds, labels in source.batches():
@@ -563,16 +706,24 @@ def compare(
                     step = max(1, int(CAPTURE_BUDGET // max(used / k, 1)))
                 start += k
         samples += n
+    if use_cache and all(k in ref_cache for k in range(calls[0])):
+        ref_cache["complete"] = True
     for name, flag in per_sample.items():
         if flag:
             out_shape[name][0] = samples
     if samples == 0:
         raise BadInputError(f"{source.description}: no samples to compare on")
 
-    outputs = [_output_check(name, out_diff[name], out_top.get(name), out_shape.get(name, []), tolerance)
-               for name in ref_outs]
-    if tolerance is not None and tolerance.max_top1_drop is not None and all(o.top1_agreement is None for o in outputs):
-        raise BadInputError("--max-top1-drop needs a classifier-shaped output ([N, C] scores); this model has none")
+    outputs = [_output_check(name, out_diff[name], out_top.get(name), out_arg.get(name), out_kind.get(name, "regress"),
+                             out_shape.get(name, []), out_tol.get(name)) for name in ref_outs]
+    if tolerance is not None:
+        check_applicable(tolerance, {o.name: o.kind for o in outputs})
+    metric_score = None
+    if metric is not None:
+        ref_all = {k: np.concatenate(v[0]) for k, v in kept.items()}
+        cand_all = {k: np.concatenate(v[1]) for k, v in kept.items()}
+        labels_all = np.concatenate(kept_labels) if kept_labels else None
+        metric_score = metric.score(ref_all, cand_all, labels_all).as_dict()
     layer_checks = [
         LayerCheck(layer_nodes[name], name, d.rel_l2, d.max_abs, d.cosine_global, d.sqnr_db)
         for name, d in layer_diff.items()
@@ -585,7 +736,21 @@ def compare(
         outputs=outputs,
         layers=layer_checks,
         layers_not_found=not_found,
+        metric=metric_score,
     )
+
+
+def check_applicable(tolerance: AnyTolerance, kinds: dict[str, str]) -> None:
+    """BadInputError when a flat tolerance's task criterion applies to none of the outputs (a bound
+    that is never checked reads as a promise). `kinds` maps output names to their kinds."""
+    needs = tolerance.needs()
+    present = set(kinds.values())
+    shown = ", ".join(f"{k} ({v})" for k, v in kinds.items())
+    if "argmax" in needs and not present & set(ARGMAX_KINDS):
+        raise BadInputError("--max-top1-drop needs a classifier, sequence or dense output "
+                            f"([N, C], [N, T, C] or [N, C, H, W] scores); this model's outputs are: {shown}")
+    if "sequence" in needs and not present & {"sequence", "dense"}:
+        raise BadInputError(f"--max-sequence-drop needs a sequence or dense output; this model's outputs are: {shown}")
 
 
 def _check_finite(feeds: dict[str, np.ndarray], where: str) -> None:
@@ -596,11 +761,13 @@ def _check_finite(feeds: dict[str, np.ndarray], where: str) -> None:
             raise BadInputError(f"{where}: input '{name}' holds {bad} NaN or infinite values; give finite data")
 
 
-def _output_check(name: str, d: _Diff, top: _TopK | None, shape: list[int], tol: Tolerance | None) -> OutputCheck:
+def _output_check(name: str, d: _Diff, top: _TopK | None, arg: _Argmax | None, kind: str, shape: list[int],
+                  tol: Tolerance | None) -> OutputCheck:
     oc = OutputCheck(
         name=name,
         shape=shape,
         elements=d.elements,
+        kind=kind,
         max_abs_err=d.max_abs,
         mean_abs_err=d.sum_abs / d.elements if d.elements else 0.0,
         max_rel_err=d.max_rel,
@@ -619,6 +786,9 @@ def _output_check(name: str, d: _Diff, top: _TopK | None, shape: list[int], tol:
             oc.cand_top1_acc = 100.0 * top.cand_correct1 / top.labelled
             oc.ref_top5_acc = 100.0 * top.ref_correct5 / top.labelled
             oc.cand_top5_acc = 100.0 * top.cand_correct5 / top.labelled
+    if arg is not None and arg.samples:
+        oc.top1_agreement = 100.0 * arg.agree / arg.positions
+        oc.sequence_agreement = 100.0 * arg.agree_all / arg.samples
     if tol is None:  # figures only; a NaN/inf where the reference is finite still fails (above)
         return oc
     if tol.elementwise and d.violations:
@@ -628,7 +798,14 @@ def _output_check(name: str, d: _Diff, top: _TopK | None, shape: list[int], tol:
         )
     if tol.min_cosine is not None and not (oc.cosine_min >= tol.min_cosine):
         oc.failures.append(f"cosine {oc.cosine_min:.6f} < {tol.min_cosine:g}")
+    if tol.min_sqnr_db is not None and not (oc.sqnr_db >= tol.min_sqnr_db):
+        oc.failures.append(f"SQNR {_db(oc.sqnr_db)} < {tol.min_sqnr_db:g} dB")
     if tol.max_top1_drop is not None and oc.top1_drop is not None and not (oc.top1_drop <= tol.max_top1_drop):
-        what = "top-1 accuracy drop" if oc.ref_top1_acc is not None else "top-1 disagreement"
+        if oc.kind != "classify":
+            what = "argmax disagreement per position"
+        else:
+            what = "top-1 accuracy drop" if oc.ref_top1_acc is not None else "top-1 disagreement"
         oc.failures.append(f"{what} {oc.top1_drop:.2f} points > {tol.max_top1_drop:g}")
+    if tol.max_sequence_drop is not None and oc.sequence_drop is not None and not (oc.sequence_drop <= tol.max_sequence_drop):
+        oc.failures.append(f"{oc.sequence_drop:.2f}% of samples changed their argmax sequence > {tol.max_sequence_drop:g}")
     return oc

@@ -209,14 +209,17 @@ def test_validation_failure_exits_1_and_rollback_recovers(tiny, tmp_path, capsys
     tol = ["--rtol", "1e-4", "--atol", "1e-5"]
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
     code, _, err = run_cli(capsys, "optimize", tiny, "-o", out, "-p", "t_perturb{bad=conv2}", "--validate-each",
-                           *tol, "--report", rep, "-q")
+                           "--on-fail", "stop", *tol, "--report", rep, "-q")
     assert code == 1 and len(err.strip().splitlines()) == 1 and "conv2" in err
     assert json.loads(rep.read_text())["passes"][-1]["validation"]["passed"] is False
-    code, stdout, err = run_cli(capsys, "optimize", tiny, "-o", out, "-p", "t_perturb{bad=conv2}", "--validate-each",
-                                "--on-fail", "rollback", *tol, "--report", rep, "-q")
-    assert code == 0, err
-    assert json.loads(rep.read_text())["passes"][-1]["rolled_back"] == ["conv2"]
-    assert out.exists()
+    assert not out.exists()  # a pass that fails under the guard writes nothing
+    for on_fail in ([], ["--on-fail", "rollback"], ["--on-fail", "repair"]):  # repair is the default
+        out.unlink(missing_ok=True)
+        code, stdout, err = run_cli(capsys, "optimize", tiny, "-o", out, "-p", "t_perturb{bad=conv2}", "--validate-each",
+                                    *on_fail, *tol, "--report", rep, "-q")
+        assert code == 0, err
+        assert json.loads(rep.read_text())["passes"][-1]["rolled_back"] == ["conv2"]
+        assert out.exists()
     # a final check that fails still writes the model (a result, not a crash) and exits 1
     out2 = tmp_path / "o2.onnx"
     code, stdout, err = run_cli(capsys, "optimize", tiny, "-o", out2, "-p", "t_perturb{bad=conv3}", "--validate",
@@ -249,7 +252,7 @@ def test_a_tolerance_flag_is_never_silently_ignored(tiny, tmp_path, capsys):
     assert code == 0 and json.loads(rep.read_text())["validation"]["passed"] is True
     code, _, err = run_cli(capsys, "optimize", tiny, "-o", tmp_path / "o2.onnx", "-p", "t_perturb", "--on-fail",
                            "rollback", "-q")
-    assert code == 2 and "needs --validate-each" in err and not (tmp_path / "o2.onnx").exists()
+    assert code == 2 and "needs the guard" in err and not (tmp_path / "o2.onnx").exists()
 
 
 @pytest.mark.parametrize("where", ["missing-folder", "a-folder", "the-input", "the-output"])

@@ -113,14 +113,16 @@ def test_different_outputs_are_bad_input(model, source):
     other = tiny_cnn(spatial=(8, 8), classes=7)
     with pytest.raises(BadInputError, match=r"output 'logits' has shape \[5, 10\] in the reference but \[5, 7\]"):
         compare(model, other, source, EXACT)
-    with pytest.raises(BadInputError, match="classifier-shaped"):
+    with pytest.raises(BadInputError, match="needs a classifier, sequence or dense output"):
         compare(_no_classifier(), _no_classifier(), None, Tolerance(max_top1_drop=1))
+    with pytest.raises(BadInputError, match="needs a sequence or dense output"):
+        compare(model, model, source, Tolerance(max_sequence_drop=1))
 
 
 def _no_classifier():
-    """x[N, 2, 3] -> Relu: no [N, C] scores anywhere."""
+    """x[N, 1, 3] -> Relu: no [N, C], [N, T, C] or [N, C, H, W] scores anywhere."""
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 3])],
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 3])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -15,16 +16,61 @@ def add_tolerance_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rtol", type=float, default=None, help="elementwise relative tolerance (e.g. 1e-4)")
     g.add_argument("--atol", type=float, default=None, help="elementwise absolute tolerance (e.g. 1e-5)")
     g.add_argument("--min-cosine", type=float, default=None, help="minimum cosine similarity per output")
-    g.add_argument("--max-top1-drop", type=float, default=None, help="max top-1 accuracy drop / disagreement, in points")
+    g.add_argument("--min-sqnr", type=float, default=None, metavar="DB", help="minimum SQNR per output, in dB")
+    g.add_argument("--max-top1-drop", type=float, default=None,
+                   help="max top-1 accuracy drop / disagreement in points (classifiers); argmax disagreement "
+                        "per position (sequence / dense outputs)")
+    g.add_argument("--max-sequence-drop", type=float, default=None, metavar="PCT",
+                   help="max percent of samples whose whole argmax sequence (map) changes (sequence / dense outputs)")
+    g.add_argument("--task", default=None, metavar="KIND|OUTPUT=KIND",
+                   help="read outputs as classify, sequence, dense or regress instead of inferring it from "
+                        "their shapes (repeat OUTPUT=KIND per output)", action="append")
+    g.add_argument("--metric", default=None, metavar="MODULE:FUNCTION",
+                   help="a user metric fn(reference, candidate, labels) -> (score, higher_is_better), "
+                        "reported on every check (module on sys.path or path/to/file.py)")
+    g.add_argument("--max-metric-drop", type=float, default=None,
+                   help="with --metric: the verdict also needs the metric to drop by at most this")
 
 
 def tolerance_from_args(args: argparse.Namespace, default: Tolerance | None = None) -> Tolerance | None:
-    tol = Tolerance(rtol=args.rtol, atol=args.atol, min_cosine=args.min_cosine, max_top1_drop=args.max_top1_drop)
+    tol = Tolerance(rtol=args.rtol, atol=args.atol, min_cosine=args.min_cosine, min_sqnr_db=args.min_sqnr,
+                    max_top1_drop=args.max_top1_drop, max_sequence_drop=args.max_sequence_drop)
     if tol.rtol is not None and tol.atol is None:
-        tol = Tolerance(rtol=tol.rtol, atol=0.0, min_cosine=tol.min_cosine, max_top1_drop=tol.max_top1_drop)
+        tol = dataclasses.replace(tol, atol=0.0)
     if tol.atol is not None and tol.rtol is None:
-        tol = Tolerance(rtol=0.0, atol=tol.atol, min_cosine=tol.min_cosine, max_top1_drop=tol.max_top1_drop)
+        tol = dataclasses.replace(tol, rtol=0.0)
     return tol if tol.is_set else default
+
+
+def task_from_args(args: argparse.Namespace) -> str | dict[str, str] | None:
+    """`--task KIND` (every output) and/or `--task OUTPUT=KIND` -> what validation.compare takes."""
+    from onnxcomp.errors import BadInputError
+    from onnxcomp.tolerance import KINDS
+
+    given = args.task or []
+    if not given:
+        return None
+    out: dict[str, str] = {}
+    for item in given:
+        name, sep, kind = item.rpartition("=")
+        if kind not in KINDS:
+            raise BadInputError(f"--task {item}: the kind must be one of {', '.join(KINDS)}")
+        out[name if sep else ""] = kind
+    return out[""] if set(out) == {""} else out
+
+
+def metric_from_args(args: argparse.Namespace):
+    """The loaded --metric (onnxcomp.metrics.UserMetric) or None; exit 2 before any work when it
+    cannot be imported."""
+    from onnxcomp.errors import BadInputError
+
+    if args.metric is None:
+        if args.max_metric_drop is not None:
+            raise BadInputError("--max-metric-drop needs --metric")
+        return None
+    from onnxcomp.metrics import UserMetric
+
+    return UserMetric(args.metric, max_drop=args.max_metric_drop)
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,11 +11,14 @@ from onnxcomp.cli.common import (
     add_data_flags,
     add_tolerance_flags,
     human_count,
+    metric_from_args,
     print_json,
     table,
+    task_from_args,
     tolerance_from_args,
 )
 from onnxcomp.errors import BadInputError, ValidationFailed
+from onnxcomp.tolerance import GUARD_DEFAULT
 
 if TYPE_CHECKING:
     from onnxcomp.pipeline import Report
@@ -35,10 +39,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", default=None, help="write the full per-layer report as JSON here")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout instead of tables")
     p.add_argument("--validate", action="store_true",
-                   help="check the final model against the input (implied by a tolerance flag)")
-    p.add_argument("--validate-each", action="store_true", help="check after every pass")
-    p.add_argument("--on-fail", choices=["stop", "rollback"], default="stop",
-                   help="with --validate-each: stop (exit 1) or roll back the worst layers of a failing pass")
+                   help="check the final model against the input (implied by a tolerance flag; always done by the guard)")
+    p.add_argument("--no-guard", action="store_true",
+                   help="do not check after every pass (by default, with --data, every pass is checked against the "
+                        "input model on held-out samples and repaired when it breaks the tolerance)")
+    p.add_argument("--validate-each", action="store_true",
+                   help="guard every pass even without --data (on random inputs; give a tolerance flag)")
+    p.add_argument("--on-fail", choices=["repair", "stop", "rollback"], default=None,
+                   help="when a pass breaks the tolerance: repair it by restoring its costliest layers (default; "
+                        "'rollback' is the same) or stop (exit 1, nothing written)")
     p.add_argument("--external-data", action="store_true", help="store weights in OUT.data beside OUT")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     add_tolerance_flags(p)
@@ -48,12 +57,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from onnxcomp.model import check_output_path, load_model, save_model
     from onnxcomp.passes.base import Context
-    from onnxcomp.pipeline import Pipeline
+    from onnxcomp.pipeline import Pipeline, guard_for
     from onnxcomp.progress import Progress
     from onnxcomp.shapes import parse_input_shapes
 
-    if args.on_fail == "rollback" and not args.validate_each:
-        raise BadInputError("--on-fail rollback needs --validate-each (it undoes layers of a failing pass)")
+    metric = metric_from_args(args)  # an unusable --metric is exit 2 before any work
+    task = task_from_args(args)
     # Refuse unusable output paths before any work (and before the model is written).
     check_output_path(args.output, protect=(args.input,))
     if args.report:
@@ -70,17 +79,35 @@ def run(args: argparse.Namespace) -> int:
 
         source = open_source(args.data, model=model, input_shapes=shapes, batch_size=args.batch_size, limit=args.samples)
     ctx = Context(data=source, seed=args.seed, input_shapes=shapes, progress=Progress(enabled=None if not args.quiet else False))
+    guarded = not args.no_guard and (source is not None or args.validate_each)
+    if args.on_fail is not None and not guarded:
+        why = "--no-guard turns the guard off" if args.no_guard else "give --data (or --validate-each for random inputs)"
+        raise BadInputError(f"--on-fail {args.on_fail} needs the guard, which checks after every pass: {why}")
     tolerance = tolerance_from_args(args)  # None: figures only, no verdict
+    if tolerance is None and metric is not None and metric.max_drop is not None:
+        pass  # the user's metric is the verdict
+    elif tolerance is None and guarded:
+        # the recipe's own tolerance, else the documented default
+        tolerance = pipeline.tolerance or (GUARD_DEFAULT if source is not None else None)
     # A tolerance nobody checks would read as a promise: a tolerance flag alone checks the final model.
-    validate = args.validate or (tolerance is not None and not args.validate_each)
+    validate = args.validate or tolerance is not None or metric is not None
+    guard = None
+    if guarded:
+        guard, ctx = guard_for(model, ctx, tolerance, on_fail="stop" if args.on_fail == "stop" else "repair",
+                               task=task, metric=metric)
+        if not args.quiet:
+            print(f"guard: every pass checked against the input on {guard.source.description}; "
+                  f"tolerance {tolerance.describe() if tolerance is not None else 'none (figures only)'}",
+                  file=sys.stderr)
+    elif not args.no_guard and any(p.name != "normalize" for p in pipeline.passes):
+        print("guard: no --data, nothing to check the passes on; checks on random inputs are figures only "
+              "(give --data to guard the run, --no-guard to silence this)", file=sys.stderr)
     try:
-        out_model, report = pipeline.run(
-            model, ctx, tolerance=tolerance, validate=validate, validate_each=args.validate_each, on_fail=args.on_fail
-        )
+        out_model, report = pipeline.run(model, ctx, tolerance=tolerance, validate=validate, guard=guard)
     except ValidationFailed as exc:
         if exc.report is not None:
             _emit(args, exc.report)
-        if exc.model is not None:
+        if exc.model is not None:  # only the final check failed: written so it can be inspected
             save_model(exc.model, args.output, protect=(args.input,), external_data=args.external_data or None)
         raise
     save_model(out_model, args.output, protect=(args.input,), external_data=args.external_data or None)
@@ -126,10 +153,33 @@ def render_report(report: Report) -> str:
         lines.append("")
         lines.append("skipped layers (reason: count):")
         lines.extend(f"  {k}: {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+    lines.extend(render_guard(report))
     if report.validation:
         lines.append("")
         lines.extend(render_validation(report.validation))
     return "\n".join(lines)
+
+
+def render_guard(report: Report) -> list[str]:
+    """What the guard checked on, and every layer it put back with its measured cost."""
+    if not report.guard:
+        return []
+    g = report.guard
+    kinds = ", ".join(f"{k} ({v})" for k, v in (g.get("kinds") or {}).items())
+    lines = ["", f"guard: {g.get('samples')} held-out samples; outputs {kinds}; {g.get('seconds', 0):.1f}s checking"]
+    for p in report.passes:
+        if not p.guard:
+            continue
+        rep = p.guard
+        if rep.get("dropped"):
+            lines.append(f"  {p.name}: dropped (no part of it held the tolerance)")
+            continue
+        restored = rep.get("restored") or []
+        shown = ", ".join(
+            f"{c['node']} ({_num(c['cost'], '+.3g')})" if isinstance(c.get("cost"), (int, float)) else c["node"]
+            for c in restored)
+        lines.append(f"  {p.name}: put back {len(restored)} layer(s) in {rep.get('probes')} re-runs: {shown}")
+    return lines
 
 
 def render_validation(v: dict) -> list[str]:
@@ -142,11 +192,16 @@ def render_validation(v: dict) -> list[str]:
         ("min_sqnr_db", "SQNR", ".1f", " dB"),
         ("max_abs_err", "max abs err", ".3g", ""),
         ("top1_agreement", "top-1 agreement", ".2f", "%"),
+        ("position_agreement", "argmax agreement per position", ".2f", "%"),
+        ("sequence_agreement", "whole sequences unchanged", ".2f", "%"),
     ):
         if s.get(key) is not None:
             figures.append(f"{label} {_num(s[key], fmt)}{unit}")
     if s.get("ref_top1_acc") is not None:
         figures.append(f"accuracy {_num(s['ref_top1_acc'], '.2f')}% -> {_num(s['cand_top1_acc'], '.2f')}%")
+    if s.get("metric"):
+        m = s["metric"]
+        figures.append(f"metric {m['name']} {_num(m['reference'], '.4g')} -> {_num(m['candidate'], '.4g')}")
     lines = [f"validation: {verdict} on {v.get('samples')} samples of {v.get('data')}"]
     lines.append("  " + ", ".join(figures))
     if s.get("worst_layer"):

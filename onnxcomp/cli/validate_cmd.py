@@ -11,7 +11,15 @@ import math
 import sys
 from typing import TYPE_CHECKING
 
-from onnxcomp.cli.common import add_data_flags, add_tolerance_flags, print_json, table, tolerance_from_args
+from onnxcomp.cli.common import (
+    add_data_flags,
+    add_tolerance_flags,
+    metric_from_args,
+    print_json,
+    table,
+    task_from_args,
+    tolerance_from_args,
+)
 from onnxcomp.tolerance import EXACT
 
 if TYPE_CHECKING:
@@ -45,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from onnxcomp.shapes import parse_input_shapes
     from onnxcomp.validation import RANDOM_SAMPLES, batch_model, compare
 
+    metric = metric_from_args(args)  # an unusable --metric is exit 2 before any work
+    task = task_from_args(args)
     ref = load_model(args.reference)
     cand = load_model(args.candidate)
     shapes = parse_input_shapes(args.input_shape)
@@ -56,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
         source = random_source(fit, shapes, samples=n, batch_size=min(args.batch_size, max(n, 1)), seed=args.seed)
     tolerance = tolerance_from_args(args, default=EXACT)
     print(f"comparing on {source.description} ...", file=sys.stderr)
-    check = compare(ref, cand, source, tolerance, threads=args.threads)
+    if metric is not None and not any(getattr(args, k) is not None for k in
+                                      ("rtol", "atol", "min_cosine", "min_sqnr", "max_top1_drop", "max_sequence_drop")):
+        tolerance = None  # the user's metric is the criterion (plus finite outputs)
+    check = compare(ref, cand, source, tolerance, threads=args.threads, task=task, metric=metric)
     if args.json:
         print_json(check.as_dict())
     else:
@@ -70,6 +83,7 @@ def render_check(check: Check) -> str:
     for o in check.outputs:
         rows.append([
             o.name,
+            o.kind,
             "x".join(str(d) for d in o.shape),
             o.max_abs_err,
             o.mean_abs_err,
@@ -78,12 +92,13 @@ def render_check(check: Check) -> str:
             _db(o.sqnr_db),
             _pct(o.top1_agreement),
             _pct(o.top5_agreement),
+            _pct(o.sequence_agreement),
             _pct(o.ref_top1_acc),
             _pct(o.cand_top1_acc),
             "ok" if o.passed else "FAIL",
         ])
-    headers = ["output", "shape", "max abs", "mean abs", "max rel", "min cos", "SQNR dB", "top1 agree",
-               "top5 agree", "acc ref", "acc cand", "check"]
+    headers = ["output", "kind", "shape", "max abs", "mean abs", "max rel", "min cos", "SQNR dB", "top1 agree",
+               "top5 agree", "seq agree", "acc ref", "acc cand", "check"]
     lines = [table(rows, headers)]
     if check.layers:
         worst = sorted(check.layers, key=lambda x: -x.rel_err)[:5]
