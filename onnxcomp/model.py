@@ -165,16 +165,21 @@ def check_output_path(path: str | os.PathLike, *, protect: tuple[str | os.PathLi
 
 
 def save_text(path: str | os.PathLike, text: str, *, protect: tuple[str | os.PathLike, ...] = ()) -> Path:
-    """Write `text` (UTF-8) to `path` atomically: a temp file in the same folder, then a rename, so a
-    reader never sees half a report. Same path checks as `check_output_path`."""
+    """Write `text` (UTF-8) to `path` atomically (see `save_bytes`)."""
+    return save_bytes(path, text.encode("utf-8"), protect=protect)
+
+
+def save_bytes(path: str | os.PathLike, data: bytes, *, protect: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Write `data` to `path` atomically: a temp file in the same folder, then a rename, so a reader
+    never sees half a report or image. Same path checks as `check_output_path`."""
     out = check_output_path(path, protect=protect)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
     except OSError as exc:
         raise BadInputError(f"{out}: cannot write here ({exc.strerror or first_line(exc)})") from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, out)
     except BaseException as exc:
