@@ -368,3 +368,18 @@ def test_cli_user_metric_drives_the_verdict(files, tmp_path, capsys):
                                "--metric", spec, "-q")
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (spec, err)
         assert not out.exists()
+
+
+def test_reference_cache_gives_the_same_figures_and_skips_the_reference():
+    model = seq_model()
+    cand = Pipeline.parse("t_noise{mild=1e-2}", normalize=False).run(model, Context())[0]
+    data = open_source(seq_data(40), model=model, batch_size=16)
+    plain = compare(model, cand, data, GUARD_DEFAULT).as_dict()
+    cache: dict = {}
+    first = compare(model, cand, data, GUARD_DEFAULT, ref_cache=cache).as_dict()
+    assert cache.get("complete") and sum(isinstance(k, tuple) for k in cache) == 3  # 16 + 16 + 8
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    broken.graph.node[0].op_type = "NoSuchOp"  # were the reference run again, this would fail
+    second = compare(broken, cand, data, GUARD_DEFAULT, ref_cache=cache).as_dict()
+    assert plain == first == second
