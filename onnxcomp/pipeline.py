@@ -213,7 +213,6 @@ class Report:
     seconds: float = 0.0
     guard: dict[str, Any] | None = None  # tolerance, data, samples, output kinds, seconds
 
-
     def as_dict(self) -> dict[str, Any]:
         return _jsonable(
             {
@@ -346,7 +345,7 @@ class Pipeline:
                         result = PassResult(model=current, layers=[_restored(r) for r in result.layers],
                                             figures={"dropped_by_guard": True})
                     else:
-                        result = repaired
+                        result = _mark_restored(repaired, repair)
                 check_dict = check.as_dict()
                 if not check.passed:
                     # the same verdict with every rewritten layer's error, for the report
@@ -375,11 +374,7 @@ class Pipeline:
             report.after = analysis.summary(current, ctx.input_shapes)
             report.seconds = time.perf_counter() - t_start
             if not check.passed:
-                if guard is None:
-                    culprit = culprit_layer(validation.compare(original, current, ctx, None, layers=rewritten),
-                                            original) if rewritten else None
-                else:
-                    culprit = None
+                culprit = culprit_layer(check, original) if guard is None and rewritten else None
                 where = f"; worst layer {culprit}" if culprit else ""
                 raise ValidationFailed(f"final model broke the tolerance ({check.describe()}){where}", report, current)
         report.after = analysis.summary(current, ctx.input_shapes)
@@ -445,6 +440,21 @@ def _restored(record: LayerRecord) -> LayerRecord:
         return record
     return dataclasses.replace(record, action=SKIPPED, reason="restored by the guard (the whole pass broke the tolerance)",
                                params_after=record.params_before, macs_after=record.macs_before, figures={})
+
+
+def _mark_restored(result: PassResult, repair: Any) -> PassResult:
+    """The layers the guard put back say so (instead of naming the exclude regex it re-ran with)."""
+    import dataclasses
+
+    costs = {c.node: c.cost for c in repair.restored}
+    layers = []
+    for r in result.layers:
+        if r.action == SKIPPED and r.node in costs:
+            cost = costs[r.node]
+            shown = f"adds {cost:+.3g} relative error at its output" if cost is not None else "cost not measurable"
+            r = dataclasses.replace(r, reason=f"put back by the guard ({shown})")
+        layers.append(r)
+    return dataclasses.replace(result, layers=layers)
 
 
 def _tolerance_dict(tol: AnyTolerance | None) -> dict | None:

@@ -147,7 +147,10 @@ def render_report(report: Report) -> str:
     for p in report.passes:
         for r in p.layers:
             if r["action"] == "skipped" and p.name != "normalize":
-                key = f"{p.name}: {r['reason']}"
+                reason = r["reason"]
+                if reason.startswith("put back by the guard"):
+                    reason = "put back by the guard (costs below)"
+                key = f"{p.name}: {reason}"
                 reasons[key] = reasons.get(key, 0) + 1
     if reasons:
         lines.append("")
@@ -166,7 +169,8 @@ def render_guard(report: Report) -> list[str]:
         return []
     g = report.guard
     kinds = ", ".join(f"{k} ({v})" for k, v in (g.get("kinds") or {}).items())
-    lines = ["", f"guard: {g.get('samples')} held-out samples; outputs {kinds}; {g.get('seconds', 0):.1f}s checking"]
+    lines = ["", f"guard: checked on {g.get('samples')} samples of {g.get('data')}; outputs {kinds}; "
+                 f"{g.get('seconds', 0):.1f}s checking"]
     for p in report.passes:
         if not p.guard:
             continue
