@@ -99,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"guard: every pass checked against the input on {guard.source.description}; "
                   f"tolerance {tolerance.describe() if tolerance is not None else 'none (figures only)'}",
                   file=sys.stderr)
+            note = resolution_note(tolerance, guard.source.num_samples)
+            if note:
+                print(f"guard: {note}", file=sys.stderr)
     elif not args.no_guard and any(p.name != "normalize" for p in pipeline.passes):
         print("guard: no --data, nothing to check the passes on; checks on random inputs are figures only "
               "(give --data to guard the run, --no-guard to silence this)", file=sys.stderr)
@@ -113,6 +116,25 @@ def run(args: argparse.Namespace) -> int:
     save_model(out_model, args.output, protect=(args.input,), external_data=args.external_data or None)
     _emit(args, report)
     return 0
+
+
+def resolution_note(tolerance, samples: int | None) -> str | None:
+    """A warning when a per-sample bound is finer than one sample's share of the held-out set (it then
+    allows no changed sample at all), or None."""
+    if tolerance is None or not samples:
+        return None
+    step = 100.0 / samples
+    bounds = []
+    for kind in ("classify", "sequence", "dense"):
+        t = tolerance.for_kind(kind)
+        if kind == "classify" and t.max_top1_drop is not None and t.max_top1_drop < step:
+            bounds.append(f"max_top1_drop={t.max_top1_drop:g} (classify)")
+        if kind != "classify" and t.max_sequence_drop is not None and t.max_sequence_drop < step:
+            bounds.append(f"max_sequence_drop={t.max_sequence_drop:g} ({kind})")
+    if not bounds:
+        return None
+    return (f"with {samples} held-out samples one changed sample is {step:.3g}%, so {', '.join(sorted(set(bounds)))} "
+            "allows none; give more data for a finer budget")
 
 
 def _emit(args: argparse.Namespace, report: Report) -> None:
