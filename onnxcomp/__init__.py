@@ -56,6 +56,7 @@ def optimize(
             raise ValueError("guard=True needs data to check on")
         tolerance = run_options.pop("tolerance", None) or pipe.tolerance or GUARD_DEFAULT
         on_fail = run_options.pop("on_fail", "repair")
-        the_guard, ctx = guard_for(model, ctx, tolerance, on_fail="stop" if on_fail == "stop" else "repair")
+        the_guard, ctx = guard_for(model, ctx, tolerance, on_fail="stop" if on_fail == "stop" else "repair",
+                                   max_latency_ratio=run_options.pop("max_latency_ratio", pipe.max_latency_ratio))
         return pipe.run(model, ctx, tolerance=tolerance, guard=the_guard, **run_options)
     return pipe.run(model, ctx, **run_options)

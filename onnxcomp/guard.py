@@ -48,10 +48,14 @@ class Repair:
     dropped: bool = False
     probes: int = 0
     seconds: float = 0.0
+    latency_ratio: float | None = None  # set when the pass was dropped for being too slow
 
     def as_dict(self) -> dict[str, Any]:
-        return {"failed": self.failed, "restored": [c.as_dict() for c in self.restored], "dropped": self.dropped,
-                "probes": self.probes, "seconds": round(self.seconds, 3)}
+        out = {"failed": self.failed, "restored": [c.as_dict() for c in self.restored], "dropped": self.dropped,
+               "probes": self.probes, "seconds": round(self.seconds, 3)}
+        if self.latency_ratio is not None:
+            out["latency_ratio"] = round(self.latency_ratio, 4)
+        return out
 
 
 class Guard:
@@ -65,7 +69,7 @@ class Guard:
 
     def __init__(self, reference: onnx.ModelProto, source: Any, tolerance: AnyTolerance | None, *,
                  on_fail: str = "repair", max_restore: int | None = None, task: Any = None, metric: Any = None,
-                 threads: int | None = None):
+                 threads: int | None = None, max_latency_ratio: float | None = None):
         if on_fail not in ("repair", "stop"):
             raise ValueError(f"on_fail must be 'repair' or 'stop', got {on_fail!r}")
         self.reference = reference
@@ -76,6 +80,11 @@ class Guard:
         self.task = task
         self.metric = metric
         self.threads = threads
+        if max_latency_ratio is not None and not (max_latency_ratio > 0 and max_latency_ratio < float("inf")):
+            from onnxcomp.errors import BadInputError
+
+            raise BadInputError(f"max latency ratio {max_latency_ratio!r}: expected a positive number")
+        self.max_latency_ratio = max_latency_ratio
         self.seconds = 0.0  # time spent checking and repairing
         self._ref_cache: dict = {}
 
@@ -96,6 +105,23 @@ class Guard:
                                       layers=layers, threads=self.threads, task=self.task,
                                       metric=self.metric if against is None else None,
                                       ref_cache=self._ref_cache if against is None and not layers else None)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def latency_ratio(self, candidate: onnx.ModelProto) -> float:
+        """The candidate's onnxruntime p50 latency over the reference's, batch 1 (or the batch the
+        model fixes), interleaved runs in one process, full optimisation (onnxcomp.runtime.measure_latency)."""
+        from onnxcomp.runtime import measure_latency
+        from onnxcomp.validation import _fixed_batch
+
+        t0 = time.perf_counter()
+        try:
+            feeds = self.source.first_batch()[0]
+            if _fixed_batch(self.reference) is None:
+                feeds = {k: v[:1] for k, v in feeds.items()}
+            ref, cand = measure_latency([self.reference, candidate], feeds, threads=self.threads or 2,
+                                        warmup=5, runs=20, rounds=3)
+            return cand.p50_ms / ref.p50_ms
         finally:
             self.seconds += time.perf_counter() - t0
 

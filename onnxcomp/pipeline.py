@@ -15,7 +15,7 @@ from typing import Any
 import onnx
 
 from onnxcomp.errors import BadInputError, PipelineSyntaxError, ValidationFailed, first_line
-from onnxcomp.guard import Guard, measured_costs
+from onnxcomp.guard import Guard, LayerCost, Repair, measured_costs
 from onnxcomp.model import runtime_compatible
 from onnxcomp.passes.base import (
     REWRITTEN,
@@ -159,6 +159,24 @@ def load_recipe_tolerance(path_or_name: str | Path) -> AnyTolerance | None:
     return tolerance_from_mapping(doc["tolerance"], f"recipe {path}: tolerance")
 
 
+def load_recipe_latency(path_or_name: str | Path) -> float | None:
+    """The recipe's `latency: {max_ratio: R}`: the result may take at most R times the input's
+    onnxruntime latency (1.0: no slower), or None."""
+    path, doc = _read_recipe(path_or_name)
+    if not isinstance(doc, dict) or doc.get("latency") is None:
+        return None
+    lat = doc["latency"]
+    if not isinstance(lat, dict) or set(lat) != {"max_ratio"}:
+        raise BadInputError(f"recipe {path}: latency: expected {{max_ratio: <number>}}")
+    try:
+        value = float(lat["max_ratio"])
+    except (TypeError, ValueError):
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise BadInputError(f"recipe {path}: latency.max_ratio must be a positive number, got {lat['max_ratio']!r}")
+    return value
+
+
 def load_recipe(path_or_name: str | Path) -> list[tuple[str, dict[str, Any]]]:
     """A recipe file (YAML or JSON) or a built-in recipe name -> [(pass name, options)].
 
@@ -250,6 +268,7 @@ class Pipeline:
     def __init__(self, passes: list[Pass], tolerance: AnyTolerance | None = None):
         self.passes = list(passes)
         self.tolerance = tolerance  # what the recipe says the result must hold (None: not stated)
+        self.max_latency_ratio: float | None = None  # the recipe's latency bound (None: not stated)
 
     def __str__(self) -> str:
         return ",".join(repr(p) for p in self.passes)
@@ -288,6 +307,7 @@ class Pipeline:
         if text in builtin_recipes() or text.endswith((".yaml", ".yml", ".json")):
             pipe = cls.from_steps(load_recipe(text), normalize)
             pipe.tolerance = load_recipe_tolerance(text)
+            pipe.max_latency_ratio = load_recipe_latency(text)
             return pipe
         return cls.from_steps(parse_pipeline_string(text), normalize)
 
@@ -347,6 +367,16 @@ class Pipeline:
                     else:
                         result = _mark_restored(repaired, repair)
                 check_dict = check.as_dict()
+                if check.passed and guard.max_latency_ratio is not None and result.modified:
+                    ratio = guard.latency_ratio(result.model)
+                    check_dict["latency_ratio"] = ratio
+                    if ratio > guard.max_latency_ratio:  # slower than the recipe allows: the pass goes
+                        repair = repair or Repair(failed=check.as_dict())
+                        repair.dropped, repair.latency_ratio = True, ratio
+                        repair.restored = [LayerCost(r.node, None, None) for r in result.layers if r.action == REWRITTEN]
+                        result = PassResult(model=current, layers=[_restored(r, f"{ratio:.2f}x the input's latency > "
+                                                                      f"{guard.max_latency_ratio:g}") for r in result.layers],
+                                            figures={"dropped_by_guard": True})
                 if not check.passed:
                     # the same verdict with every rewritten layer's error, for the report
                     check_dict = guard.check(result.model, layers=result.layers).as_dict()
@@ -367,6 +397,9 @@ class Pipeline:
         if guard is not None or validate:
             if guard is not None:  # always: errors that build up across passes, each within tolerance
                 check = guard.check(current)
+                if guard.max_latency_ratio is not None:
+                    report.guard["latency_ratio"] = round(guard.latency_ratio(current), 4)
+                    report.guard["max_latency_ratio"] = guard.max_latency_ratio
                 report.guard["seconds"] = round(guard.seconds, 3)
             else:
                 check = validation.compare(original, current, ctx, tolerance, layers=rewritten or None)
@@ -432,13 +465,13 @@ def guard_for(model: onnx.ModelProto, ctx: Context, tolerance: AnyTolerance | No
 MIN_HELD_OUT = 8
 
 
-def _restored(record: LayerRecord) -> LayerRecord:
+def _restored(record: LayerRecord, why: str = "the whole pass broke the tolerance") -> LayerRecord:
     """A rewritten layer's record after the guard dropped its whole pass."""
     import dataclasses
 
     if record.action != REWRITTEN:
         return record
-    return dataclasses.replace(record, action=SKIPPED, reason="restored by the guard (the whole pass broke the tolerance)",
+    return dataclasses.replace(record, action=SKIPPED, reason=f"restored by the guard ({why})",
                                params_after=record.params_before, macs_after=record.macs_before, figures={})
 
 

@@ -48,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--on-fail", choices=["repair", "stop", "rollback"], default=None,
                    help="when a pass breaks the tolerance: repair it by restoring its costliest layers (default; "
                         "'rollback' is the same) or stop (exit 1, nothing written)")
+    p.add_argument("--max-latency-ratio", type=float, default=None, metavar="R",
+                   help="guard: drop a pass that makes the model take more than R times the input's onnxruntime "
+                        "latency (1.0: no slower; default: the recipe's latency bound, if any)")
     p.add_argument("--external-data", action="store_true", help="store weights in OUT.data beside OUT")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     add_tolerance_flags(p)
@@ -93,8 +96,9 @@ def run(args: argparse.Namespace) -> int:
     validate = args.validate or tolerance is not None or metric is not None
     guard = None
     if guarded:
+        bound = args.max_latency_ratio if args.max_latency_ratio is not None else pipeline.max_latency_ratio
         guard, ctx = guard_for(model, ctx, tolerance, on_fail="stop" if args.on_fail == "stop" else "repair",
-                               task=task, metric=metric)
+                               task=task, metric=metric, max_latency_ratio=bound)
         if not args.quiet:
             print(f"guard: every pass checked against the input on {guard.source.description}; "
                   f"tolerance {tolerance.describe() if tolerance is not None else 'none (figures only)'}",
@@ -193,12 +197,16 @@ def render_guard(report: Report) -> list[str]:
     kinds = ", ".join(f"{k} ({v})" for k, v in (g.get("kinds") or {}).items())
     lines = ["", f"guard: checked on {g.get('samples')} samples of {g.get('data')}; outputs {kinds}; "
                  f"{g.get('seconds', 0):.1f}s checking"]
+    if g.get("latency_ratio") is not None:
+        lines.append(f"  latency: {g['latency_ratio']:.2f}x the input's (bound {g['max_latency_ratio']:g}x)")
     for p in report.passes:
         if not p.guard:
             continue
         rep = p.guard
         if rep.get("dropped"):
-            lines.append(f"  {p.name}: dropped (no part of it held the tolerance)")
+            why = (f"{rep['latency_ratio']:.2f}x the input's latency" if rep.get("latency_ratio") is not None
+                   else "no part of it held the tolerance")
+            lines.append(f"  {p.name}: dropped ({why})")
             continue
         restored = rep.get("restored") or []
         shown = ", ".join(
