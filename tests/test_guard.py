@@ -385,3 +385,37 @@ def test_reference_cache_gives_the_same_figures_and_skips_the_reference():
     broken.graph.node[0].op_type = "NoSuchOp"  # were the reference run again, this would fail
     second = compare(broken, cand, data, GUARD_DEFAULT, ref_cache=cache).as_dict()
     assert plain == first == second
+
+
+def test_a_pass_that_makes_the_model_slower_than_the_bound_is_dropped(monkeypatch):
+    from onnxcomp.guard import Guard
+
+    model = seq_model()
+    ctx = Context(data=open_source(seq_data(), model=model))
+    guard, fit_ctx = guard_for(model, ctx, GUARD_DEFAULT, max_latency_ratio=1.0)
+    # measured for real once: a model against itself is about 1x
+    assert 0.5 < guard.latency_ratio(model) < 2.0
+    monkeypatch.setattr(Guard, "latency_ratio", lambda self, cand: 1.8)
+    out, report = Pipeline.parse("t_noise{mild=1e-4}", normalize=False).run(model, fit_ctx, guard=guard)
+    rep = report.passes[0].guard
+    assert rep["dropped"] is True and rep["latency_ratio"] == 1.8
+    assert all(r["action"] == SKIPPED and "latency" in r["reason"] for r in report.passes[0].layers)
+    assert [t.name for t in out.graph.initializer] == [t.name for t in model.graph.initializer]
+    assert all(np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+               for a, b in zip(out.graph.initializer, model.graph.initializer, strict=True))
+    assert report.guard["latency_ratio"] == 1.8 and report.guard["max_latency_ratio"] == 1.0
+    # within the bound: kept
+    monkeypatch.setattr(Guard, "latency_ratio", lambda self, cand: 0.9)
+    _, report = Pipeline.parse("t_noise{mild=1e-4}", normalize=False).run(model, fit_ctx, guard=guard)
+    assert report.passes[0].guard is None and report.passes[0].rewritten == 4
+
+
+def test_recipe_latency_bound(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("pipeline:\n  - t_noise\nlatency: {max_ratio: 1.0}\n")
+    assert Pipeline.parse(str(recipe)).max_latency_ratio == 1.0
+    assert Pipeline.parse("default").max_latency_ratio == 1.0
+    for bad in ("latency: 1.0", "latency: {max_ratio: -1}", "latency: {max: 1}"):
+        recipe.write_text(f"pipeline:\n  - t_noise\n{bad}\n")
+        with pytest.raises(BadInputError, match="latency"):
+            Pipeline.parse(str(recipe))
