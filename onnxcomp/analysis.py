@@ -508,12 +508,15 @@ def _sum_macs(layers: list[LayerCost]) -> int | None:
 
 
 def summary(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None, *, lzma: bool = False) -> dict:
-    """Totals for a report: params, param bits, MACs (None if unknown), serialized bytes, nodes.
+    """Totals for a report: params, param bits, MACs (None if unknown; the sum of the known layers,
+    a lower bound, when `macs_unknown` layers have unknown MACs), serialized bytes, nodes.
     `lzma=True` adds `lzma_bytes` (slow on large models: several seconds per 100 MB)."""
+    layers = layer_costs(model, input_shapes)
     out = {
         "params": count_params(model),
         "param_bits": param_bits(model),
-        "macs": total_macs(model, input_shapes),
+        "macs": _sum_macs(layers),  # a lower bound when macs_unknown > 0
+        "macs_unknown": sum(1 for layer in layers if layer.macs is None),
         "bytes": model.ByteSize(),
         "nodes": len(model.graph.node),
     }

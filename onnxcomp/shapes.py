@@ -137,3 +137,31 @@ def static_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | N
     for t in inferred.graph.initializer:
         out[t.name] = tuple(t.dims)
     return out
+
+
+def shapes_from_data(model: onnx.ModelProto, source, given: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """`given` completed with one sample's shape (leading dim 1) of every data input the model
+    leaves partly symbolic, read from the first batch of `source` (a DataSource): the MAC, size and
+    latency figures then describe the data the user actually runs. Inputs in `given` win."""
+    out = dict(given or {})
+    if source is None:
+        return out
+    named = {k for k in out if k}
+    first = next((i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}), None)
+    if "" in out and first is not None:
+        named.add(first)
+    inits = {t.name for t in model.graph.initializer}
+    symbolic = []
+    for vi in model.graph.input:
+        if vi.name in inits or vi.name in named:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if any(d.dim_value <= 0 for d in dims[1:]):
+            symbolic.append(vi.name)
+    if not symbolic:
+        return out
+    feeds, _ = source.first_batch()
+    for name in symbolic:
+        if name in feeds and feeds[name].ndim >= 1:
+            out[name] = [1, *(int(d) for d in feeds[name].shape[1:])]
+    return out

@@ -79,8 +79,10 @@ def run(args: argparse.Namespace) -> int:
     source = None
     if args.data:
         from onnxcomp.data import open_source
+        from onnxcomp.shapes import shapes_from_data
 
         source = open_source(args.data, model=model, input_shapes=shapes, batch_size=args.batch_size, limit=args.samples)
+        shapes = shapes_from_data(model, source, shapes)  # figures at the size the data has
     ctx = Context(data=source, seed=args.seed, input_shapes=shapes, progress=Progress(enabled=None if not args.quiet else False))
     guarded = not args.no_guard and (source is not None or args.validate_each)
     if args.on_fail is not None and not guarded:
@@ -166,8 +168,13 @@ def render_report(report: Report) -> str:
     for key, label in (("params", "params"), ("macs", "MACs"), ("bytes", "file bytes")):
         before, after = b.get(key), a.get(key)
         ratio = (before / after) if before and after else None
+        unknown = (b.get(f"{key}_unknown") or 0, a.get(f"{key}_unknown") or 0)
+        if any(unknown):  # a partial total is a lower bound; a ratio of two of them means nothing
+            ratio = None
         shown = "-" if not ratio else (f"{ratio:.2f}x" if ratio >= 0.01 else f"{ratio:.2g}x")  # growth shows too
-        size_rows.append([label, human_count(before), human_count(after), shown])
+        cells = [human_count(v) if not n else f">= {human_count(v)}, {n} layers unknown"
+                 for v, n in ((before, unknown[0]), (after, unknown[1]))]
+        size_rows.append([label, *cells, shown])
     lines.append(table(size_rows, ["", "before", "after", "reduction"]))
     reasons: dict[str, int] = {}
     for p in report.passes:

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from onnxcomp.pipeline import MIN_HELD_OUT, Pipeline
     from onnxcomp.progress import Progress
     from onnxcomp.sensitivity import analyse
-    from onnxcomp.shapes import parse_input_shapes
+    from onnxcomp.shapes import parse_input_shapes, shapes_from_data
 
     if args.plot:
         check_output_path(args.plot, protect=(args.input,))
@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.data:
         raise BadInputError("sensitivity needs --data (the damage is measured on real inputs)")
     source = open_source(args.data, model=model, input_shapes=shapes, batch_size=args.batch_size, limit=args.samples)
+    shapes = shapes_from_data(model, source, shapes)  # MACs saved at the size the data has
     progress = Progress(enabled=None if not args.quiet else False)
     ctx = Context(data=source, seed=args.seed, input_shapes=shapes, progress=progress)
     if not args.no_normalize:
