@@ -1,6 +1,7 @@
 """`onnxcomp <verb>`: each verb lives in its own module with `add_parser(subparsers)` and `run(args)`.
 
-Exit codes: 0 ok, 1 validation failed, 2 bad usage or input, 3 internal error. Errors are one line
+Exit codes: 0 ok, 1 validation failed, 2 bad usage or input, 3 internal error, 130 interrupted
+(SIGINT), 143 terminated (SIGTERM); an interrupted run leaves no output or temporary file. Errors are one line
 on stderr (set ONNXCOMP_TRACEBACK=1 to see the traceback of an internal error).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 from onnxcomp.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, OnnxcompError, first_line
@@ -45,8 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "verb", None):
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
+    previous = _on_sigterm_raise()
     try:
         return int(args.func(args) or 0)
+    except Terminated:
+        print("onnxcomp: terminated", file=sys.stderr)
+        return 143
     except OnnxcompError as exc:
         text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())  # always one line
         print(f"onnxcomp: {type(exc).__name__ if exc.exit_code == EXIT_INTERNAL else 'error'}: {text}", file=sys.stderr)
@@ -67,6 +73,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnxcomp: internal error: {type(exc).__name__}: {first_line(exc, 300)} (ONNXCOMP_TRACEBACK=1 for details)",
               file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt, so every `finally` and temp-file cleanup
+    runs (outputs are written to a temp file and renamed; an interrupted write leaves nothing)."""
+
+
+def _on_sigterm_raise():
+    """Turn SIGTERM into Terminated in the main thread; returns the previous handler (None when
+    signals cannot be set here, e.g. from a worker thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def run() -> None:
