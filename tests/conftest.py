@@ -38,7 +38,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture(scope="session")
 def light_models() -> list[Path]:
     paths = light_model_paths()
-    assert len(paths) == 9, f"expected 9 light_*.onnx models in {LIGHT_DIR}, found {len(paths)}"
+    assert paths, f"no light_*.onnx models in {LIGHT_DIR}"  # how many depends on the onnx release
     return paths
 
 
@@ -47,7 +47,8 @@ def ppocr_models() -> list[Path]:
     paths = ppocr_model_paths()
     if not paths:
         pytest.skip("rapidocr-onnxruntime (a dev dependency) is not installed")
-    assert len(paths) == 3, f"expected 3 PP-OCR models, found {[p.name for p in paths]}"
+    kinds = {k for p in paths for k in ("_det_", "_rec_", "_cls_") if k in p.name}
+    assert kinds == {"_det_", "_rec_", "_cls_"}, f"expected PP-OCR det, rec and cls models, found {[p.name for p in paths]}"
     return paths
 
 

@@ -93,7 +93,9 @@ def test_zoo_writes_a_loadable_model(r18, capsys):
     from onnxcomp.zoo import trainable_params
 
     assert trainable_params(model) == 11_689_512
-    assert oct(r18.stat().st_mode & 0o777) != "0o600"  # ordinary permissions, not mkstemp's
+    mask = os.umask(0)
+    os.umask(mask)
+    assert r18.stat().st_mode & 0o777 == 0o666 & ~mask  # what open() would give under this umask, not mkstemp's 0600
 
 
 def test_zoo_console_script(tmp_path):

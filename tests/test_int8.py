@@ -37,8 +37,11 @@ def test_int8_quantizes_every_weight_layer_and_stays_close():
     assert weights_after < 0.5 * weights_before
     x = np.random.default_rng(7).standard_normal((4, 3, 16, 16)).astype(np.float32)
     ref, got = _run(model, {"x": x}), _run(out, {"x": x})
+    # int8 rounding on a 256-level grid leaves ~2% relative error here (measured 0.018, cosine 0.9998);
+    # an uncalibrated or mis-scaled layer gives tens of percent
+    rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
     cos = float((ref * got).sum() / (np.linalg.norm(ref) * np.linalg.norm(got)))
-    assert cos > 0.99
+    assert rel < 0.05 and cos > 0.998, (rel, cos)
 
 
 def test_int8_exclude_keeps_layer_float():
@@ -68,7 +71,8 @@ def test_int8_calibrates_a_model_with_a_fixed_batch_of_4():
     assert {r["node"] for r in report.passes[-1].layers if r["action"] == REWRITTEN} == {"conv1", "conv2", "fc"}
     x = np.random.default_rng(7).standard_normal((4, 3, 16, 16)).astype(np.float32)
     ref, got = _run(model, {"x": x}), _run(out, {"x": x})
-    assert float((ref * got).sum() / (np.linalg.norm(ref) * np.linalg.norm(got))) > 0.99
+    rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    assert rel < 0.08, rel  # measured 0.036 (8 calibration samples); mis-calibration gives tens of percent
 
 
 def test_int8_reports_params_and_macs_of_unnamed_nodes():

@@ -111,9 +111,10 @@ def test_normalize_is_equivalent_on_real_models(real_model_path):
 
 def test_normalize_folds_batchnorm_in_real_models(light_models, ppocr_models):
     by_name = {p.stem: p for p in light_models + ppocr_models}
-    expected = {"light_resnet50": 53, "light_shufflenet": 49, "ch_ppocr_mobile_v2.0_cls_infer": 35}
-    for stem, count in expected.items():
+    for stem in ("light_resnet50", "light_shufflenet", "ch_ppocr_mobile_v2.0_cls_infer"):
         model = onnx.load(str(by_name[stem]))
+        count = _bn_after_conv(model)  # from the file itself, not the count of one onnx release
+        assert count > 10, stem
         result = normalize(model)
         folded = [r for r in result.layers if r.action == REWRITTEN and r.figures.get("folded") == "BatchNormalization"]
         assert len(folded) == count == result.figures["bn_folded"], stem
@@ -121,8 +122,23 @@ def test_normalize_folds_batchnorm_in_real_models(light_models, ppocr_models):
         assert all(r.op == "Conv" and r.params_after < r.params_before for r in folded)
 
 
+def _bn_after_conv(model: onnx.ModelProto) -> int:
+    """BatchNormalization nodes whose input is a Conv output that nothing else reads: the folds."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    graph_outputs = {o.name for o in model.graph.output}
+    return sum(1 for n in model.graph.node if n.op_type == "BatchNormalization"
+               and getattr(producer.get(n.input[0]), "op_type", "") == "Conv"
+               and readers.get(n.input[0], 0) == 1 and n.input[0] not in graph_outputs)
+
+
 def test_normalize_is_deterministic_and_idempotent(ppocr_models, light_models):
-    for path in (ppocr_models[0], light_models[1]):  # det (Paddle), densenet121 (BN + Mul/Add scale)
+    by_name = {p.stem: p for p in light_models}
+    det = next(p for p in ppocr_models if "_det_" in p.name)
+    for path in (det, by_name["light_densenet121"]):  # Paddle export; BN + Mul/Add scale
         model = onnx.load(str(path))
         first = normalize(model).model
         second = normalize(model).model

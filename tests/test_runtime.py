@@ -104,7 +104,14 @@ def test_measure_latency_interleaves_and_reports_ratios(model, source):
     res = measure_latency([model, other], source, threads=1, warmup=1, runs=6, rounds=2, names=["a", "b"])
     assert [r.name for r in res] == ["a", "b"]
     a, b = res
-    assert a.ratio == 1.0 and a.ratio_min == 1.0 and a.ratio_max == 1.0
+    assert a.ratio == 1.0 and a.ratio_min == 1.0 and a.ratio_max == 1.0  # the baseline, by definition
+    import statistics  # the other model's figures, recomputed from its samples
+
+    assert b.p50_ms == pytest.approx(statistics.median(b.samples_ms))
+    assert b.ratio == pytest.approx(statistics.median(b.samples_ms) / statistics.median(a.samples_ms))
+    round_ratios = [rb / ra for rb, ra in zip(b.round_p50_ms, a.round_p50_ms, strict=True)]
+    assert b.ratio_min == pytest.approx(min(round_ratios)) and b.ratio_max == pytest.approx(max(round_ratios))
+    assert b.round_p50_ms[0] == pytest.approx(statistics.median(b.samples_ms[:6]))  # round 1 = first 6 runs
     assert a.runs == b.runs == 12
     assert a.min_ms <= a.p50_ms <= a.p90_ms
     assert b.ratio_min <= b.ratio_max and len(b.round_p50_ms) == 2

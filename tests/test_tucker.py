@@ -544,7 +544,17 @@ def test_new_names_never_collide_with_existing_ones():
     produced = [o for n in res.model.graph.node for o in n.output]
     assert len(set(produced)) == len(produced)
     x = rng.standard_normal((1, 24, 6, 7)).astype(np.float32)
-    assert rel(run(res.model, x=x), run(m, x=x)) < 1.0  # runs; partial rank so not equal
+    # the renamed chain computes exactly the conv with the reconstructed weight (the pass's own figure)
+    inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    a, core, b = (inits[n.input[1]] for n in res.model.graph.node[:3])  # the chain's weights, as wired
+    w_hat = np.einsum("tr,rskl,sc->tckl", b[:, :, 0, 0], core, a[:, :, 0, 0]).astype(np.float32)
+    direct = _model([helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+                     helper.make_node("Relu", ["c"], ["y"])],
+                    [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 24, "H", "W"])],
+                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w_hat, "w")])
+    assert rel(run(res.model, x=x), run(direct, x=x)) < 1e-5
+    err = float(np.sum((w_hat - w) ** 2) / np.sum(w ** 2))
+    assert err == pytest.approx(res.layers[0].figures["error"], abs=1e-5)
 
 
 def test_refit_with_few_samples_does_not_hurt_held_out_data():

@@ -51,8 +51,11 @@ def test_a_model_passes_against_itself(model, source):
 def test_figures_match_a_direct_computation(model, source):
     cand = perturb(model, "w2", (3, 1, 1, 1), 0.05)
     check = compare(model, cand, source, None)
-    x = np.concatenate([f["x"] for f, _ in source.batches()])
-    r, c = _ort(model, x).astype(np.float64), _ort(cand, x).astype(np.float64)
+    # recomputed directly, batch by batch as compare runs them (onnxruntime's results may differ in
+    # the last bits between batch sizes: the figures must match the outputs, not a re-batched run)
+    batches = [f["x"] for f, _ in source.batches()]
+    r = np.concatenate([_ort(model, x) for x in batches]).astype(np.float64)
+    c = np.concatenate([_ort(cand, x) for x in batches]).astype(np.float64)
     d = c - r
     o = check.output("logits")
     assert o.max_abs_err == pytest.approx(np.abs(d).max(), rel=1e-9)
@@ -181,9 +184,11 @@ def test_layer_capture_runs_in_sub_batches_without_changing_figures(model, sourc
     monkeypatch.setattr(validation, "CAPTURE_BUDGET", 1)  # one sample per run
     split = compare(model, cand, source, EXACT, layers=layers)
     assert split.samples == whole.samples == 12
+    # one sample per run instead of 12: the same figures up to onnxruntime's float32 round-off between
+    # batch sizes (a few ulp per value: ~1e-7 relative, so ~1e-5 of an error that is itself ~1e-2)
     for a, b in zip(whole.layers, split.layers, strict=True):
-        assert a.rel_err == pytest.approx(b.rel_err, rel=1e-9)
-    assert split.output("logits").cosine_min == pytest.approx(whole.output("logits").cosine_min, abs=1e-12)
+        assert a.rel_err == pytest.approx(b.rel_err, rel=1e-4)
+    assert split.output("logits").cosine_min == pytest.approx(whole.output("logits").cosine_min, abs=1e-6)
     assert split.output("logits").shape == [12, 10]
 
 
