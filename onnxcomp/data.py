@@ -318,8 +318,11 @@ def _rebatch(
     exact: bool,
     limit: int | None,
     dtypes: dict[str, np.dtype],
+    where: str | None = None,
 ) -> Iterator[Batch]:
-    """Regroup chunks of any length into batches of `batch_size` samples, stopping at `limit`."""
+    """Regroup chunks of any length into batches of `batch_size` samples, stopping at `limit`.
+    With `where` (the source's description), a float input holding NaN or inf is a BadInputError
+    naming the input and the first bad sample: calibration on such data proves and fits nothing."""
     pend: list[tuple[dict[str, np.ndarray], np.ndarray | None]] = []
     pending = 0
     emitted = 0
@@ -352,6 +355,16 @@ def _rebatch(
             labels = np.concatenate([t[1] for t in taken]).astype(np.int64)
         return out, labels
 
+    def checked(batch: Batch) -> Batch:
+        if where is not None:
+            for name, v in batch[0].items():
+                if v.dtype.kind in "fc" and not np.isfinite(v).all():
+                    bad = ~np.isfinite(v.reshape(v.shape[0], -1)).all(axis=1) if v.ndim else np.array([True])
+                    first = emitted - v.shape[0] + int(np.argmax(bad)) if v.ndim else 0
+                    raise BadInputError(f"{where}: input '{name}' holds NaN or infinite values (first in sample "
+                                        f"{first}, {int(bad.sum())} bad samples in its batch); give finite data")
+        return batch
+
     for feeds, labels in chunks:
         m = next(iter(feeds.values())).shape[0]
         if cap is not None:
@@ -366,11 +379,12 @@ def _rebatch(
         pending += m
         while pending >= batch_size:
             emitted += batch_size
-            yield flush(batch_size)
+            yield checked(flush(batch_size))
         if cap is not None and emitted + pending >= cap:
             break
     if pending and not exact:
-        yield flush(pending)
+        emitted += pending
+        yield checked(flush(pending))
 
 
 def _capped(n: int | None, limit: int | None, batch: int, exact: bool) -> int | None:
@@ -431,7 +445,7 @@ class ArraySource(DataSource):
         self.num_samples = _capped(next(iter(lengths.values())), limit, self.batch_size, self.exact)
 
     def batches(self) -> Iterator[Batch]:
-        return _rebatch(self._chunks(), self.batch_size, self.exact, self.num_samples, self.dtypes)
+        return _rebatch(self._chunks(), self.batch_size, self.exact, self.num_samples, self.dtypes, self.description)
 
     def _chunks(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
         iters = {name: col.chunks(self.batch_size) for name, col in self.columns.items()}
@@ -556,7 +570,7 @@ class SampleFileSource(DataSource):
         self.num_samples = _capped(total, limit, self.batch_size, self.exact)
 
     def batches(self) -> Iterator[Batch]:
-        return _rebatch(self._chunks(), self.batch_size, self.exact, self.num_samples, self.dtypes)
+        return _rebatch(self._chunks(), self.batch_size, self.exact, self.num_samples, self.dtypes, self.description)
 
     def _chunks(self):
         all_labels = _as_labels(_load_npy(self.labels_file), str(self.labels_file)) if self.labels_file else None

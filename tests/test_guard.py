@@ -419,3 +419,47 @@ def test_recipe_latency_bound(tmp_path):
         recipe.write_text(f"pipeline:\n  - t_noise\n{bad}\n")
         with pytest.raises(BadInputError, match="latency"):
             Pipeline.parse(str(recipe))
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "empty", "labels", "dtype"])
+def test_cli_bad_calibration_data_is_exit_2_with_nothing_written(files, tmp_path, capsys, bad):
+    model_path, _ = files
+    x = seq_data(40)["x"]
+    data = tmp_path / "bad.npz"
+    if bad == "nan":
+        x[17, 0, 0, 3] = np.nan
+        np.savez(data, x=x)
+    elif bad == "inf":
+        x[5, 1, 0, 0] = np.inf
+        np.savez(data, x=x)
+    elif bad == "empty":
+        np.savez(data)
+    elif bad == "labels":
+        np.savez(data, x=x, labels=np.arange(39))
+    else:
+        np.savez(data, x=x.astype(np.complex64))
+    out = tmp_path / "o.onnx"
+    code, _, err = run_cli(capsys, "optimize", model_path, "-o", out, "-p", "t_noise", "--data", data, "-q")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "bad.npz" in err, err
+    assert not out.exists() and NoisePass.runs == 0
+    if bad in ("nan", "inf"):
+        assert "NaN or infinite" in err and ("sample 17" in err if bad == "nan" else "sample 5" in err)
+
+
+def test_cli_corrupt_image_in_a_folder_is_exit_2_naming_it(tmp_path, capsys):
+    pil = pytest.importorskip("PIL.Image")
+    from _tiny_models import tiny_cnn
+
+    model_path = tmp_path / "cnn.onnx"
+    onnx.save(tiny_cnn(), model_path)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        pil.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"im{i:02d}.png")
+    (folder / "im13.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    out = tmp_path / "o.onnx"
+    code, _, err = run_cli(capsys, "optimize", model_path, "-o", out, "-p", "t_noise", "--data",
+                           f"images:{folder}?crop=16&size=16", "-q")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "im13.png" in err and "cannot decode" in err
+    assert not out.exists() and NoisePass.runs == 0
