@@ -365,7 +365,7 @@ class Pipeline:
                         result = PassResult(model=current, layers=[_restored(r) for r in result.layers],
                                             figures={"dropped_by_guard": True})
                     else:
-                        result = _mark_restored(repaired, repair)
+                        result = _mark_restored(repaired, repair, first_run=result)
                 check_dict = check.as_dict()
                 if check.passed and guard.max_latency_ratio is not None and result.modified:
                     ratio = guard.latency_ratio(result.model)
@@ -475,14 +475,18 @@ def _restored(record: LayerRecord, why: str = "the whole pass broke the toleranc
                                params_after=record.params_before, macs_after=record.macs_before, figures={})
 
 
-def _mark_restored(result: PassResult, repair: Any) -> PassResult:
-    """The layers the guard put back say so (instead of naming the exclude regex it re-ran with)."""
+def _mark_restored(result: PassResult, repair: Any, first_run: PassResult) -> PassResult:
+    """The layers the guard put back say so, and the layers the pass skipped on its own keep their
+    first run's reason (neither names the exclude regex the guard re-ran the pass with)."""
     import dataclasses
 
     costs = {c.node: c.cost for c in repair.restored}
+    before = {r.node: r for r in first_run.layers}
     layers = []
     for r in result.layers:
-        if r.action == SKIPPED and r.node in costs:
+        if r.action == SKIPPED and r.node not in costs and r.node in before and before[r.node].action == SKIPPED:
+            r = dataclasses.replace(r, reason=before[r.node].reason)
+        elif r.action == SKIPPED and r.node in costs:
             cost = costs[r.node]
             shown = f"adds {cost:+.3g} relative error at its output" if cost is not None else "cost not measurable"
             r = dataclasses.replace(r, reason=f"put back by the guard ({shown})")

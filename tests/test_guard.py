@@ -463,3 +463,18 @@ def test_cli_corrupt_image_in_a_folder_is_exit_2_naming_it(tmp_path, capsys):
                            f"images:{folder}?crop=16&size=16", "-q")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "im13.png" in err and "cannot decode" in err
     assert not out.exists() and NoisePass.runs == 0
+
+
+def test_repair_keeps_the_users_own_exclude():
+    model = seq_model()
+    ctx = Context(data=open_source(seq_data(), model=model))
+    guard, fit_ctx = guard_for(model, ctx, GUARD_DEFAULT)
+    _, report = Pipeline.parse("t_noise{mild=1e-4,ruin='conv1|conv3',exclude=conv4}", normalize=False).run(
+        model, fit_ctx, guard=guard)
+    p = report.passes[0]
+    assert set(p.rolled_back) == {"conv1", "conv3"}
+    reasons = {r["node"]: r["reason"] for r in p.layers if r["action"] == SKIPPED}
+    assert reasons["conv4"] == "matched by exclude=conv4"  # the user's, not the guard's
+    assert reasons["conv1"].startswith("put back by the guard") and reasons["conv3"].startswith("put back by the guard")
+    assert {r["node"] for r in p.layers if r["action"] == REWRITTEN} == {"conv2"}
+    assert p.config["exclude"].startswith("(?:conv4)|")

@@ -85,3 +85,31 @@ def test_int8_reports_params_and_macs_of_unnamed_nodes():
     assert [r["node"] for r in rewritten] == ["Conv_0", "Conv_2", "Gemm_6"]
     assert [r["params_before"] for r in rewritten] == [8 * 27 + 8, 16 * 72 + 16, 170]
     assert all(r["macs_before"] > 0 for r in rewritten)
+
+
+def _opset11(model):
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.opset_import[0].version = 11
+    return m
+
+
+def test_int8_bumps_an_old_opset_for_per_channel_and_falls_back_when_it_cannot(monkeypatch):
+    model = _opset11(tiny_cnn(seed=3))
+    out, report = Pipeline.parse("int8{samples=8}", normalize=False).run(model, _ctx(model))
+    figures = report.passes[-1].figures
+    assert figures["opset_bumped_to"] == 13 and figures["per_channel"] is True
+    onnx.checker.check_model(out)
+
+    def refuse(m, target):
+        raise RuntimeError("no adapter for this op")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", refuse)
+    out, report = Pipeline.parse("int8{samples=8}", normalize=False).run(model, _ctx(model))
+    figures = report.passes[-1].figures
+    assert figures["per_channel"] is False and "no adapter" in figures["per_channel_disabled"]
+    assert {r["node"] for r in report.passes[-1].layers if r["action"] == REWRITTEN} == {"conv1", "conv2", "fc"}
+    assert out.opset_import[0].version == 11  # per-tensor QDQ where opset 11 allows it
+    x = np.random.default_rng(7).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    ref, got = _run(model, {"x": x}), _run(out, {"x": x})
+    assert float(np.linalg.norm(got - ref) / np.linalg.norm(ref)) < 0.08
