@@ -79,3 +79,18 @@ def test_internal_error_is_exit_3_and_the_traceback_on_request(tmp_path):
                          env={**os.environ, "ONNXCOMP_TRACEBACK": "1"}, timeout=60)
     assert res.returncode != 0 and "Traceback" in res.stderr and "KeyError" in res.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_two_runs_on_one_input_at_once_do_not_interfere(tmp_path):
+    model_path = tmp_path / "in.onnx"
+    onnx.save(tiny_cnn(), model_path)
+    before = model_path.read_bytes()
+    outs = [tmp_path / "a.onnx", tmp_path / "b.onnx"]
+    argv = [sys.executable, "-m", "onnxcomp", "optimize", str(model_path), "-p", "tucker{rank=0.5,round=1}", "-q"]
+    procs = [subprocess.Popen([*argv, "-o", str(o)], stderr=subprocess.PIPE, text=True) for o in outs]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    assert outs[0].read_bytes() == outs[1].read_bytes()  # the same bytes, written side by side
+    assert model_path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx", "in.onnx"]  # no temp file left
