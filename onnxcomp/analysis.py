@@ -28,6 +28,7 @@ from onnx import helper
 from onnxcomp import costs
 from onnxcomp.graph import GraphIndex, attr, node_label
 from onnxcomp.shapes import check_input_shapes, static_shapes
+from onnxcomp.sizes import serialized_bytes
 
 
 def count_params(model: onnx.ModelProto) -> int:
@@ -517,7 +518,7 @@ def summary(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
         "param_bits": param_bits(model),
         "macs": _sum_macs(layers),  # a lower bound when macs_unknown > 0
         "macs_unknown": sum(1 for layer in layers if layer.macs is None),
-        "bytes": model.ByteSize(),
+        "bytes": serialized_bytes(model),
         "nodes": len(model.graph.node),
     }
     if lzma:
@@ -577,7 +578,7 @@ def inspect(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
         param_bits=param_bits(model),
         macs=_sum_macs(layers),
         macs_complete=all(layer.macs is not None for layer in layers),
-        bytes=model.ByteSize(),
+        bytes=serialized_bytes(model),
         nodes=len(model.graph.node),
         op_counts=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
         file_bytes=sizes.file_bytes(path) if path else None,

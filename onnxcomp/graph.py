@@ -327,12 +327,14 @@ def remove_unused_initializers(model: onnx.ModelProto) -> int:
     """Drop initializers (and their graph-input entries) that nothing reads. Returns the count."""
     used = used_tensor_names(model)
     g = model.graph
-    keep = [t for t in g.initializer if t.name in used]
-    dropped = len(g.initializer) - len(keep)
+    gone = {t.name for t in g.initializer if t.name not in used}
+    dropped = sum(1 for t in g.initializer if t.name not in used)
     if dropped:
-        gone = {t.name for t in g.initializer} - {t.name for t in keep}
-        del g.initializer[:]
-        g.initializer.extend(keep)
+        # deleted in place: re-adding the kept tensors would copy them through serialization,
+        # which fails past protobuf's 2 GB limit
+        for i in reversed(range(len(g.initializer))):
+            if g.initializer[i].name not in used:
+                del g.initializer[i]
         # IR < 4 models also list every initializer as a graph input: drop those entries too, or
         # the dropped weight would become an input the caller has to feed.
         inputs = [vi for vi in g.input if vi.name not in gone]

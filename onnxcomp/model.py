@@ -134,6 +134,7 @@ def save_model(
                         entry.value = data_name
             with open(tmp, "wb") as fh:
                 fh.write(model_bytes(work))
+            os.chmod(tmp_data, default_file_mode())  # onnx writes it 0600, like mkstemp
             os.replace(tmp_data, out.parent / data_name)
         else:
             with open(tmp, "wb") as fh:

@@ -101,7 +101,10 @@ def _session_for_proto(model: onnx.ModelProto, so: ort.SessionOptions, extra: li
         for name in added:
             model.graph.output.append(onnx.ValueInfoProto(name=name))
         runtime_compatible(model)  # undone in `finally`, with the extra outputs
-        if model.ByteSize() < _SERIALIZE_LIMIT:
+        from onnxcomp.model import _payload_bytes
+
+        # ByteSize() itself fails past 2 GB: ask it only when the tensor payloads are well below
+        if _payload_bytes(model) < _SERIALIZE_LIMIT and model.ByteSize() < _SERIALIZE_LIMIT:
             payload = model.SerializeToString()
             return _session(payload, so)
         with tempfile.TemporaryDirectory(prefix="onnxcomp-") as tmp:

@@ -78,5 +78,14 @@ def lzma_bytes(model_or_path: onnx.ModelProto | str | os.PathLike, preset: int =
 
 
 def serialized_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the model as one protobuf (weights inline)."""
-    return int(model.ByteSize())
+    """Bytes of the model as one protobuf (weights inline). Past protobuf's 2 GB limit, where
+    ByteSize() cannot serialize, the tensor payloads plus the rest of the message: what the file
+    and its external data hold, within a few bytes of framing per tensor."""
+    from onnxcomp.model import _PROTOBUF_LIMIT, _payload_bytes
+
+    payload = _payload_bytes(model)
+    if payload <= _PROTOBUF_LIMIT:
+        return int(model.ByteSize())
+    from onnxcomp.shapes import weightless
+
+    return payload + int(weightless(model, max_elements=0).ByteSize())

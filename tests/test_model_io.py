@@ -196,6 +196,9 @@ def test_external_data_round_trip(tmp_path):
     save_model(model, out, external_data=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.data"]
     assert out.stat().st_size < 2000 < (tmp_path / "ext.onnx.data").stat().st_size
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "ext.onnx.data").stat().st_mode & 0o777 == out.stat().st_mode & 0o777 == 0o666 & ~mask
     loaded = load_model(out)
     want = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     got = {t.name: numpy_helper.to_array(t) for t in loaded.graph.initializer}
