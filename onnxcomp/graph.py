@@ -277,21 +277,43 @@ class GraphEditor:
         return bool(self._replace or self._remove or self._new_init or self._functions)
 
     def apply(self) -> onnx.ModelProto:
-        """A new model with all collected edits; the editor's source model is left untouched."""
-        out = onnx.ModelProto()
-        out.CopyFrom(self.model)
+        """A new model with all collected edits; the editor's source model is left untouched.
+
+        Only the initializers the edited graph still reads are copied from the source (copying the
+        whole model first would hold every replaced weight twice: 1 GB of transient copies for
+        VGG-16's fully connected layers)."""
+        out = _copy_except(self.model, "graph")
         g = out.graph
+        src = self.model.graph
+        for fd, value in src.ListFields():
+            if fd.name in ("node", "initializer", "value_info"):
+                continue
+            if _repeated(fd):
+                getattr(g, fd.name).extend(value)
+            elif fd.type == fd.TYPE_MESSAGE:
+                getattr(g, fd.name).CopyFrom(value)
+            else:
+                setattr(g, fd.name, value)
         new_nodes: list[onnx.NodeProto] = []
-        for i, n in enumerate(self.model.graph.node):
+        for i, n in enumerate(src.node):
             if i in self._remove:
                 continue
             if i in self._replace:
                 new_nodes.extend(self._replace[i].nodes)
             else:
                 new_nodes.append(n)
-        del g.node[:]
         g.node.extend(new_nodes)
+        used = used_tensor_names(out)
+        for t in src.initializer:
+            if t.name in used:
+                g.initializer.add().CopyFrom(t)
         g.initializer.extend(self._new_init)
+        # IR < 4 models also list every initializer as a graph input: drop the dropped ones' entries
+        gone = {t.name for t in src.initializer if t.name not in used}
+        if gone and any(vi.name in gone for vi in g.input):
+            keep = [vi for vi in g.input if vi.name not in gone]
+            del g.input[:]
+            g.input.extend(keep)
         for fn in self._functions:
             if all((f.domain, f.name) != (fn.domain, fn.name) for f in out.functions):
                 out.functions.append(fn)
@@ -302,6 +324,27 @@ class GraphEditor:
         # Old shape annotations may be stale for rewritten tensors: keep only graph I/O shapes.
         del g.value_info[:]
         return out
+
+
+def _repeated(fd) -> bool:
+    """Whether a protobuf field is repeated (`is_repeated` in protobuf 6+, `label` before)."""
+    flag = getattr(fd, "is_repeated", None)
+    return bool(flag) if flag is not None else fd.label == fd.LABEL_REPEATED
+
+
+def _copy_except(model: onnx.ModelProto, skip: str) -> onnx.ModelProto:
+    """A copy of `model` without its field `skip` (left empty)."""
+    out = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name == skip:
+            continue
+        if _repeated(fd):
+            getattr(out, fd.name).extend(value)
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(out, fd.name).CopyFrom(value)
+        else:
+            setattr(out, fd.name, value)
+    return out
 
 
 def used_tensor_names(model: onnx.ModelProto) -> set[str]:

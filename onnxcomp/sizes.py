@@ -77,15 +77,20 @@ def lzma_bytes(model_or_path: onnx.ModelProto | str | os.PathLike, preset: int =
     return _compressed_size(_file_chunks([p, *external_data_files(p)]), preset)
 
 
+_EXACT_BELOW = 64 * 2**20
+
+
 def serialized_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the model as one protobuf (weights inline). Past protobuf's 2 GB limit, where
-    ByteSize() cannot serialize, the tensor payloads plus the rest of the message: what the file
-    and its external data hold, within a few bytes of framing per tensor."""
-    from onnxcomp.model import _PROTOBUF_LIMIT, _payload_bytes
+    """Bytes of the model as one protobuf (weights inline): exact below 64 MB of tensor payload;
+    above, the payloads plus the rest of the message, within a few bytes of framing per tensor (what
+    the file and its external data hold), without serializing the weights (which needs a full
+    transient copy, and fails past protobuf's 2 GB limit)."""
+    from onnxcomp.model import _payload_bytes
 
     payload = _payload_bytes(model)
-    if payload <= _PROTOBUF_LIMIT:
+    if payload <= _EXACT_BELOW:
         return int(model.ByteSize())
+    # ByteSize() serializes the whole message under upb: a transient copy of every weight
     from onnxcomp.shapes import weightless
 
     return payload + int(weightless(model, max_elements=0).ByteSize())
