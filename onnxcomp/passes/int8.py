@@ -31,6 +31,7 @@ from onnxcomp.passes.base import (
     PassResult,
     option,
 )
+from onnxcomp.sizes import serialized_bytes
 
 _QUANTIZABLE = ("Conv", "Gemm", "MatMul")
 
@@ -91,7 +92,7 @@ class Int8Pass(Pass):
                   "percentile": CalibrationMethod.Percentile}[cfg.calibrate]
         with tempfile.TemporaryDirectory(prefix="onnxcomp-int8-") as tmp:
             src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-            big = work.ByteSize() > 2**31 - 2**24
+            big = serialized_bytes(work) > 2**31 - 2**24  # (ByteSize() itself fails past 2 GB)
             onnx.save_model(work, str(src), save_as_external_data=big)
             with _quiet_root_logger():  # it nags about pre-processing, which normalize already did
                 quantize_static(
