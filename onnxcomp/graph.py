@@ -282,18 +282,11 @@ class GraphEditor:
         Only the initializers the edited graph still reads are copied from the source (copying the
         whole model first would hold every replaced weight twice: 1 GB of transient copies for
         VGG-16's fully connected layers)."""
-        out = _copy_except(self.model, "graph")
+        out = onnx.ModelProto()
+        _copy_fields(self.model, out, skip=("graph",))
         g = out.graph
         src = self.model.graph
-        for fd, value in src.ListFields():
-            if fd.name in ("node", "initializer", "value_info"):
-                continue
-            if _repeated(fd):
-                getattr(g, fd.name).extend(value)
-            elif fd.type == fd.TYPE_MESSAGE:
-                getattr(g, fd.name).CopyFrom(value)
-            else:
-                setattr(g, fd.name, value)
+        _copy_fields(src, g, skip=("node", "initializer", "value_info"))
         new_nodes: list[onnx.NodeProto] = []
         for i, n in enumerate(src.node):
             if i in self._remove:
@@ -332,19 +325,17 @@ def _repeated(fd) -> bool:
     return bool(flag) if flag is not None else fd.label == fd.LABEL_REPEATED
 
 
-def _copy_except(model: onnx.ModelProto, skip: str) -> onnx.ModelProto:
-    """A copy of `model` without its field `skip` (left empty)."""
-    out = onnx.ModelProto()
-    for fd, value in model.ListFields():
-        if fd.name == skip:
+def _copy_fields(src, dst, skip: tuple[str, ...]) -> None:
+    """Copy every set field of protobuf message `src` into the empty `dst`, except those in `skip`."""
+    for fd, value in src.ListFields():
+        if fd.name in skip:
             continue
         if _repeated(fd):
-            getattr(out, fd.name).extend(value)
+            getattr(dst, fd.name).extend(value)
         elif fd.type == fd.TYPE_MESSAGE:
-            getattr(out, fd.name).CopyFrom(value)
+            getattr(dst, fd.name).CopyFrom(value)
         else:
-            setattr(out, fd.name, value)
-    return out
+            setattr(dst, fd.name, value)
 
 
 def used_tensor_names(model: onnx.ModelProto) -> set[str]:
