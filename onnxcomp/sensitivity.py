@@ -184,7 +184,8 @@ def _saved(before: int | None, after: int | None) -> int | None:
 
 class OutputErrorProbe:
     """The model-output error of candidate models against one reference, on the first `max_samples`
-    samples of a data source, with the reference's outputs computed once.
+    samples of a data source, with the reference's outputs computed once (validation.compare and
+    its reference cache do the running and the sums).
 
     `error(candidate)` is the relative squared error sum_outputs ||cand - ref||^2 / ||ref||^2 over
     those samples (inf when a candidate produces non-finite values where the reference does not).
@@ -195,27 +196,23 @@ class OutputErrorProbe:
     def __init__(self, reference: onnx.ModelProto, source: Any, max_samples: int = 64):
         import numpy as np
 
-        from onnxcomp.runtime import run_batches
+        from onnxcomp.data import open_source
 
-        self.source = source
-        self.max_batches = max(1, -(-max_samples // max(int(getattr(source, "batch_size", 8)), 1)))
-        self.ref: list[dict[str, Any]] = []
-        for _feeds, values, _labels in run_batches(reference, source, max_batches=self.max_batches):
-            self.ref.append({k: np.asarray(v, dtype=np.float64) for k, v in values.items()})
-        self.norm = {k: sum(float(np.sum(b[k] ** 2)) for b in self.ref) for k in (self.ref[0] if self.ref else {})}
+        feeds: dict[str, list] = {}
+        taken = 0
+        for batch, _labels in source.batches():
+            for name, v in batch.items():
+                feeds.setdefault(name, []).append(v)
+            taken += int(next(iter(batch.values())).shape[0])
+            if taken >= max_samples:
+                break
+        arrays = {name: np.concatenate(parts)[:max_samples] for name, parts in feeds.items()}
+        self.reference = reference
+        self.source = open_source(arrays, model=reference, batch_size=int(getattr(source, "batch_size", 8)))
+        self._ref_cache: dict = {}
 
     def error(self, candidate: onnx.ModelProto) -> float:
-        import math
+        from onnxcomp import validation
 
-        import numpy as np
-
-        from onnxcomp.runtime import run_batches
-
-        d2 = dict.fromkeys(self.norm, 0.0)
-        for k, (_feeds, values, _labels) in enumerate(run_batches(candidate, self.source, max_batches=self.max_batches)):
-            for name, ref in self.ref[k].items():
-                c = np.asarray(values[name], dtype=np.float64)
-                if not np.isfinite(c).all():
-                    return math.inf
-                d2[name] += float(np.sum((c - ref) ** 2))
-        return sum(d2[n] / self.norm[n] if self.norm[n] > 0 else (0.0 if d2[n] == 0 else math.inf) for n in d2)
+        check = validation.compare(self.reference, candidate, self.source, None, ref_cache=self._ref_cache)
+        return sum(_rel_l2(o) ** 2 for o in check.outputs)
