@@ -1099,17 +1099,17 @@ class SubsetSource(DataSource):
         self.description = f"{parent.description}, {what}"
         self.num_samples = None
         if parent.num_samples is not None:
-            m = self._select(0, parent.num_samples, 0)
-            n = int(np.count_nonzero(m))
+            n = int(np.count_nonzero(self._select(0, parent.num_samples, 0)[0]))
             if self.exact:
                 n -= n % self.batch_size
             self.num_samples = n
 
-    def _select(self, start: int, n: int, held_before: int) -> np.ndarray:
+    def _select(self, start: int, n: int, held_before: int) -> tuple[np.ndarray, int]:
+        """(rows of samples start..start+n-1 this side takes, held-out samples among them before the cap)."""
         held = _held_mask(start, n)
-        order = np.cumsum(held) + held_before
-        held &= order <= self.cap
-        return held if self.held else ~held
+        count = int(np.count_nonzero(held))
+        held &= np.cumsum(held) + held_before <= self.cap
+        return (held if self.held else ~held), count
 
     def _chunks(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
         start = held_seen = 0
@@ -1118,9 +1118,8 @@ class SubsetSource(DataSource):
             for name, v in feeds.items():
                 if v.ndim == 0 or v.shape[0] != n:
                     raise BadInputError(f"{self.parent.description}: input '{name}' has no sample axis to hold samples out of")
-            held = _held_mask(start, n)
-            take = self._select(start, n, held_seen)
-            held_seen += int(np.count_nonzero(held))
+            take, held = self._select(start, n, held_seen)
+            held_seen += held
             start += n
             if take.any():
                 yield {k: v[take] for k, v in feeds.items()}, None if labels is None else labels[take]

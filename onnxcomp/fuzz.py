@@ -246,6 +246,8 @@ def _cli(argv: list[str]) -> tuple[int, str, str]:
 
 
 def _outputs(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Plain onnxruntime, on purpose not onnxcomp.runtime: the recomputation must not share the
+    code it checks."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()

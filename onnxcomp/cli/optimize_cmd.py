@@ -89,10 +89,9 @@ def run(args: argparse.Namespace) -> int:
         why = "--no-guard turns the guard off" if args.no_guard else "give --data (or --validate-each for random inputs)"
         raise BadInputError(f"--on-fail {args.on_fail} needs the guard, which checks after every pass: {why}")
     tolerance = tolerance_from_args(args)  # None: figures only, no verdict
-    if tolerance is None and metric is not None and metric.max_drop is not None:
-        pass  # the user's metric is the verdict
-    elif tolerance is None and guarded:
-        # the recipe's own tolerance, else the documented default
+    metric_decides = metric is not None and metric.max_drop is not None
+    if tolerance is None and guarded and not metric_decides:
+        # the recipe's own tolerance, else the documented default (a bounded --metric is the verdict)
         tolerance = pipeline.tolerance or (GUARD_DEFAULT if source is not None else None)
     # A tolerance nobody checks would read as a promise: a tolerance flag alone checks the final model.
     validate = args.validate or tolerance is not None or metric is not None
