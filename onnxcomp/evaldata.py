@@ -626,21 +626,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("-n", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--input-name", default="input")
-    c = sub.add_parser("ppocr-cls", help="text lines for the PP-OCR orientation classifier (3x48x192)")
-    c.add_argument("out")
-    c.add_argument("-n", type=int, default=400)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--input-name", default="x")
-    r = sub.add_parser("ppocr-rec", help="upright text lines for the PP-OCR recognizer (3x48x320, no labels)")
-    r.add_argument("out")
-    r.add_argument("-n", type=int, default=128)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--input-name", default="x")
-    d = sub.add_parser("ppocr-det", help="rendered pages for the PP-OCR detector (3x320x320, no labels)")
-    d.add_argument("out")
-    d.add_argument("-n", type=int, default=32)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--input-name", default="x")
+    for kind, n, what in (("ppocr-cls", 400, "text lines for the PP-OCR orientation classifier (3x48x192)"),
+                          ("ppocr-rec", 128, "upright text lines for the PP-OCR recognizer (3x48x320, no labels)"),
+                          ("ppocr-det", 32, "rendered pages for the PP-OCR detector (3x320x320, no labels)")):
+        c = sub.add_parser(kind, help=what)
+        c.add_argument("out")
+        c.add_argument("-n", type=int, default=n)
+        c.add_argument("--seed", type=int, default=0)
+        c.add_argument("--input-name", default="x")
     args = ap.parse_args(argv)
     try:
         y = None
