@@ -63,15 +63,16 @@ def make_session(
     threads: int | None = None,
     extra_outputs: Sequence[str] = (),
     spin: bool = True,
+    options: ort.SessionOptions | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for a model (proto, serialized bytes or path).
 
     `optimize=False` disables every graph optimisation (ORT_DISABLE_ALL), as equivalence checks need.
     `extra_outputs` are intermediate tensors to expose as outputs; they are added to a copy (the
     caller's model is never changed). Models too large for one protobuf go through a temporary
-    file with external data.
+    file with external data. `options` (e.g. a cost model's settings) replaces the three flags.
     """
-    so = session_options(optimize=optimize, threads=threads, spin=spin)
+    so = options if options is not None else session_options(optimize=optimize, threads=threads, spin=spin)
     if isinstance(model_or_bytes, (bytes, bytearray)) and not extra_outputs:
         return _session(bytes(model_or_bytes), so)
     if isinstance(model_or_bytes, (str, os.PathLike)) and not extra_outputs:

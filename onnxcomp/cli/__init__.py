@@ -15,7 +15,7 @@ import sys
 
 from onnxcomp.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, OnnxcompError, first_line
 
-VERBS = ["optimize", "passes", "zoo", "validate", "sensitivity", "bench", "inspect"]
+VERBS = ["optimize", "passes", "zoo", "validate", "sensitivity", "bench", "inspect", "profile"]
 
 
 class _Parser(argparse.ArgumentParser):

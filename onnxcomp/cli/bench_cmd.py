@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from onnxcomp.cli.common import human_count, print_json, table
+from onnxcomp.cli.common import human_count, print_json, table, timing_feeds
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from onnxcomp.analysis import summary
-    from onnxcomp.data import model_inputs, open_source, random_source
+    from onnxcomp.data import model_inputs
     from onnxcomp.errors import BadInputError
     from onnxcomp.model import load_model
     from onnxcomp.progress import Progress
@@ -48,15 +48,7 @@ def run(args: argparse.Namespace) -> int:
         progress.message(f"loading {path}")
         models.append(load_model(path))
     first = models[0]
-    batch = args.batch_size
-    if batch is None:
-        leading = [s[0] for s in shapes.values() if s]
-        batch = leading[0] if leading else 1
-    if args.data:
-        source = open_source(args.data, model=first, input_shapes=shapes, batch_size=batch)
-    else:
-        source = random_source(first, shapes, samples=batch, batch_size=batch, seed=args.seed)
-    feeds, _ = source.first_batch()
+    feeds = timing_feeds(first, args.data, shapes, args.batch_size, args.seed)
     names0 = {s.name for s in model_inputs(first)}
     for path, m in zip(args.models[1:], models[1:], strict=True):
         if {s.name for s in model_inputs(m)} != names0:

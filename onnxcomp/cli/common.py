@@ -81,6 +81,21 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=None, help="random-data samples / cap on data samples")
 
 
+def timing_feeds(model, data: str | None, input_shapes: dict[str, list[int]], batch: int | None, seed: int = 0):
+    """The feeds a model is timed on: the first batch of `data`, else random input at `input_shapes`;
+    the batch is `batch`, else --input-shape's leading dim, else 1."""
+    from onnxcomp.data import open_source, random_source
+
+    if batch is None:
+        leading = [s[0] for s in input_shapes.values() if s]
+        batch = leading[0] if leading else 1
+    if data:
+        source = open_source(data, model=model, input_shapes=input_shapes, batch_size=batch)
+    else:
+        source = random_source(model, input_shapes, samples=batch, batch_size=batch, seed=seed)
+    return source.first_batch()[0]
+
+
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2)
     sys.stdout.write("\n")

@@ -167,6 +167,16 @@ class Context:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     progress: Progress = QUIET
     calibration_batches: int = 0  # 0 = all the data source yields
+    cost_model: Any = None  # onnxcomp.costmodel.CostModel; `costs()` makes the default one on first use
+
+    def costs(self) -> Any:
+        """The cost model passes consult for measured per-layer latency (one per run, so every pass
+        and the guard time with the same settings and share one cache)."""
+        if self.cost_model is None:
+            from onnxcomp.costmodel import CostModel
+
+            self.cost_model = CostModel(target_ms=60.0)
+        return self.cost_model
 
     def rng(self, *salt: str) -> np.random.Generator:
         """A generator seeded from the run seed and a salt (pass/layer name): order-independent."""

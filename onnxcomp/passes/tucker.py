@@ -134,7 +134,12 @@ class TuckerConfig(PassConfig):
     refit: str = option("off", "least-squares refit of each chain's last layer on --data: on (to the layer's "
                         "original inputs) | sequential (in graph order, to the inputs it receives in the "
                         "compressed model, targets from the original) | off")
-    budget: str = option("", "global target macs:<f>: per-layer ranks so the model's MACs fall to f (overrides rank)")
+    budget: str = option("", "global target macs:<f> (the model's MACs fall to f) or latency:<f> (its measured "
+                         "onnxruntime time falls to f, from per-layer timings): per-layer ranks (overrides rank)")
+    objective: str = option("latency", "what a rewrite must save: latency (each layer's options timed alone in "
+                            "onnxruntime on this machine by the cost model; the fastest within the rank rule's "
+                            "error is kept, a layer no faster is left alone) | macs", choices=("latency", "macs"))
+    min_speedup: float = option(0.05, "with objective=latency: skip a layer unless its measured time drops by this fraction")
     allocate: str = option("auto", "how budget= spreads the cut: sensitivity (measured model-output error of each "
                            "layer, needs --data), energy (kept-energy product), auto (sensitivity with --data)",
                            choices=("auto", "sensitivity", "energy"))
@@ -163,6 +168,8 @@ class TuckerConfig(PassConfig):
             raise ValueError(f"min_gain={self.min_gain}: must be < 1")
         if self.budget:
             parse_budget(self.budget)
+        if not 0.0 <= self.min_speedup < 1.0:
+            raise ValueError(f"min_speedup={self.min_speedup}: must be in [0, 1)")
         if self.first_layer < 0:
             raise ValueError(f"first_layer={self.first_layer}: must be >= 0")
         if self.positions < 0:
@@ -191,16 +198,16 @@ def parse_rank(text: str) -> tuple[str, float]:
     return kind, v
 
 
-def parse_budget(text: str) -> float:
-    """`macs:0.3` -> 0.3. ValueError if bad."""
+def parse_budget(text: str) -> tuple[str, float]:
+    """`macs:0.3` -> ("macs", 0.3); `latency:0.5` -> ("latency", 0.5). ValueError if bad."""
     kind, _, value = str(text).strip().lower().partition(":")
     try:
         v = float(value)
     except ValueError:
         v = -1.0
-    if kind != "macs" or not 0.0 < v < 1.0:
-        raise ValueError(f"budget={text}: expected macs:<fraction in (0, 1)>")
-    return v
+    if kind not in ("macs", "latency") or not 0.0 < v < 1.0:
+        raise ValueError(f"budget={text}: expected macs:<fraction in (0, 1)> or latency:<fraction in (0, 1)>")
+    return kind, v
 
 
 # -- per-layer planning ----------------------------------------------------------------------------
@@ -216,6 +223,7 @@ class _Plan:
     bias: np.ndarray | None
     cost: dec.ChainCost
     static: bool  # cost positions come from known shapes
+    in_shape: tuple[int, ...] | None = None  # the layer's input at the given shapes (static only)
     conv: ConvLayer | None = None
     dense: DenseLayer | None = None
     params_before: int = 0
@@ -352,6 +360,7 @@ class TuckerPass(Pass):
                 pos_out, pos_in = 1.0, float(math.prod(layer.strides))
             cost = dec.ChainCost(T, S, ksize, pos_in, pos_out)
             plan = _Plan(node, kind, w, layer.bias, cost, static, conv=layer,
+                         in_shape=tuple(int(d) for d in in_shape) if static else None,  # type: ignore[union-attr]
                          params_before=costs.conv_params(w.shape, layer.bias is not None),
                          macs_before=costs.conv_macs(w.shape, out_shape))
             return plan
@@ -378,7 +387,9 @@ class TuckerPass(Pass):
                 bias = np.broadcast_to(np.asarray(d.bias, np.float64).reshape(-1) * d.beta, (T,)).copy()
             params = int(d.weight.size + (d.bias.size if d.bias is not None else 0))
             w = d.weight.T if d.alpha == 1.0 else d.weight.T * np.float32(d.alpha)
+            x_shape = shapes.get(node.input[0])
             plan = _Plan(node, "svd", w, bias, cost, rows is not None,
+                         in_shape=tuple(int(v) for v in x_shape) if _known(x_shape) else None,  # type: ignore[union-attr]
                          dense=d, params_before=params, macs_before=costs.dense_macs(int(S), int(T), rows))
             return plan
         return f"op {node.op_type} is not handled"

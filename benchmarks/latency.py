@@ -1,0 +1,102 @@
+"""The cost model against the clock: per-layer latency summed vs the whole model measured, on the
+zoo's VGG-16 and ResNet-50, the bundled trained models and rapidocr's three PP-OCR models, at the
+resolution each is used at (batch 1). Profiles every model twice: cold (an empty latency cache)
+and warm (from the cache), and reports the seconds of each. Issue target: within 15%.
+
+    python benchmarks/latency.py [--threads 2] [--only vgg16,ppocr_rec] [--out benchmarks/out/latency.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def models(tmp: Path) -> list[tuple[str, Path, str | None]]:
+    """(name, path, input shape) of every model the benchmark profiles."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _helpers import ppocr_model_paths
+
+    out: list[tuple[str, Path, str | None]] = []
+    for name in ("vgg16", "resnet50"):
+        path = tmp / f"{name}.onnx"
+        subprocess.run([sys.executable, "-m", "onnxcomp", "zoo", name, "-o", str(path)], check=True, capture_output=True)
+        out.append((name, path, "1,3,224,224"))
+    out.append(("glyph_resnet", ROOT / "models" / "glyph_resnet.onnx", None))
+    out.append(("glyph_mobilenetv2", ROOT / "models" / "glyph_mobilenetv2.onnx", None))
+    shapes = {"det": "1,3,320,320", "rec": "1,3,48,320", "cls": "1,3,48,192"}  # rapidocr's own sizes
+    for path in ppocr_model_paths():
+        kind = next(k for k in shapes if f"_{k}_" in path.name)
+        out.append((f"ppocr_{kind}", path, shapes[kind]))
+    return out
+
+
+def profile(path: Path, shape: str | None, threads: int, cache: Path) -> dict:
+    cmd = [sys.executable, "-m", "onnxcomp", "profile", str(path), "--json", "-q", "--threads", str(threads)]
+    if shape:
+        cmd += ["--input-shape", shape]
+    env = {**os.environ, "ONNXCOMP_CACHE_DIR": str(cache)}
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(done.stdout)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default="", help="comma-separated model names")
+    ap.add_argument("--out", default=str(HERE / "out" / "latency.md"))
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="onnxcomp-bench-latency-") as tmp_name:
+        tmp = Path(tmp_name)
+        for name, path, shape in models(tmp):
+            if args.only and name not in args.only.split(","):
+                continue
+            cache = tmp / f"cache-{name}"  # cold: nothing measured before
+            cold = profile(path, shape, args.threads, cache)
+            warm = profile(path, shape, args.threads, cache)
+            rows.append({"model": name, "input": shape or "fixed", "layers": len(cold["layers"]),
+                         "predicted_ms": warm["predicted_ms"], "measured_ms": warm["measured"]["ms"],
+                         "error": warm["error"], "cold_error": cold["error"], "cold_s": cold["seconds"],
+                         "warm_s": warm["seconds"], "from_cache": warm["units"]["cached"],
+                         "analytic": warm["units"]["analytic"], "machine": cold["machine"]})
+            r = rows[-1]
+            print(f"{name:<18} predicted {r['predicted_ms']:9.3f} ms  measured {r['measured_ms']:9.3f} ms  "
+                  f"{r['error']:+6.1%} (cold run {r['cold_error']:+6.1%})  cold {r['cold_s']:5.1f} s  "
+                  f"warm {r['warm_s']:5.1f} s", flush=True)
+    if not rows:
+        return 0
+    m = rows[0]["machine"]
+    lines = [
+        "# Cost model: sum of per-layer latencies vs the whole model (`python benchmarks/latency.py`)",
+        "",
+        f"{m['cpu']}, {', '.join(m['isa'])}, onnxruntime {m['onnxruntime']}, {args.threads} threads, batch 1. "
+        "Predicted: each layer timed alone (cost model, from the cache on the warm run) net of one session "
+        "run's fixed cost, summed, plus that cost once. Measured: the whole model, interleaved runs, p50. "
+        "Seconds: the whole `onnxcomp profile` (model load, one capture run, layers, whole-model timing).",
+        "",
+        "| model | input | layers | predicted ms | measured ms | error | error, cold run | profile cold s | from cache s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['input']} | {r['layers']} | {r['predicted_ms']:.3f} | {r['measured_ms']:.3f} "
+                     f"| {r['error']:+.1%} | {r['cold_error']:+.1%} | {r['cold_s']:.1f} | {r['warm_s']:.1f} |")
+    worst = max(abs(r["error"]) for r in rows)
+    lines += ["", f"Worst error {worst:.1%} (target: within 15%)."]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,686 @@
+"""Measured per-layer latency on this machine: the cost model passes consult before they commit.
+
+Fewer MACs is not lower latency (thin 1x1 convs are memory-bound, odd channel counts miss MLAS's
+fast paths, int8 QDQ slows depthwise convs down). So a rewrite's cost is *measured*: the layer (a
+`Unit`: a weighted op with the elementwise ops onnxruntime fuses into it, or any single op) is built
+alone as a one-layer model with its real shapes, and timed in onnxruntime with the session settings
+the user will run (`Settings`: threads, provider, optimisation level), interleaved with the
+alternatives it is compared with (A B C A B C ..., no spinning threads). Every timing is cached on
+disk by the unit's signature (op types, attributes, shapes, dtypes, small constant values) in a file
+per (onnxruntime version, CPU model and instruction set, settings); a file written on another
+machine or version is ignored, never trusted.
+
+When measuring is off (`CostModel(measure=False)`) or a unit cannot be built alone (a shape unknown,
+a custom op without a body), an **analytic** estimate takes over: ms = c + a MACs + b bytes moved,
+with coefficients fit (non-negative least squares, scipy) to the timings cached on this machine, or
+to a small calibration set measured once; without either, documented defaults. Every `Estimate`
+says which (`source`: measured, cache, analytic) and why.
+
+No graph edit here: units are small new models; the model a unit was cut from is only read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from onnxcomp.errors import BadInputError, OnnxcompError, first_line
+
+CACHE_VERSION = 1
+# Ops onnxruntime folds into the weighted op before them (Conv+BN, Conv+Add(bias), Conv+activation,
+# Conv+Add(residual)+Relu in the NCHWc layout); a unit takes them along so it times what runs.
+FUSABLE = frozenset({"BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh",
+                     "HardSwish", "Add", "Mul"})
+WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearConv",
+                      "QLinearMatMul"})
+_STANDARD_DOMAINS = ("", "ai.onnx", "com.microsoft", "ai.onnx.ml")
+# Constants whose values are part of a unit's signature (shape tensors, pads, axes, scales).
+_VALUE_SIGNATURE_ELEMS = 64
+# Default analytic coefficients (ms, ms per MMAC, ms per MB) when nothing on this machine was measured:
+# ~50 GMAC/s and ~10 GB/s, a modest 2-thread AVX2 core pair; `source` says they are defaults.
+_DEFAULT_COEF = (0.01, 0.02, 0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# settings and machine
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Settings:
+    """The onnxruntime session settings a model will run with (what timings depend on)."""
+
+    threads: int = 2
+    optimization: str = "all"  # all | extended | basic | off
+    provider: str = "CPUExecutionProvider"
+
+    def session_options(self) -> ort.SessionOptions:
+        levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+        if self.optimization not in levels:
+            raise BadInputError(f"optimization level {self.optimization!r}: expected one of {', '.join(levels)}")
+        if self.threads < 1:
+            raise BadInputError(f"threads must be at least 1, got {self.threads}")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = levels[self.optimization]
+        so.log_severity_level = 3
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Interleaved sessions' spinning threads would steal each other's cores (see runtime.session_options).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return so
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"threads": self.threads, "optimization": self.optimization, "provider": self.provider}
+
+
+_ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve", "neon")
+
+
+def machine() -> dict[str, Any]:
+    """What a timing depends on besides the layer: onnxruntime version, CPU model, instruction set."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key == "model name" and cpu in ("", platform.machine(), platform.processor()):
+                    cpu = value.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"onnxruntime": ort.__version__, "cpu": cpu, "arch": platform.machine(),
+            "isa": [f for f in _ISA_FLAGS if f in flags], "cores": os.cpu_count()}
+
+
+def cache_root() -> Path:
+    root = os.environ.get("ONNXCOMP_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "onnxcomp"
+
+
+# ---------------------------------------------------------------------------------------------
+# units
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Unit:
+    """A subgraph to time alone: `nodes` reading runtime `inputs` (name -> (shape, elem type)) and
+    `constants` (name -> TensorProto with its real values, or (shape, elem type) for a random
+    tensor), writing `outputs`. `macs` and `bytes` feed the analytic model; `feeds` (real values)
+    replace random inputs when given. `problem` set: the unit cannot be built alone, and says why."""
+
+    name: str
+    nodes: list[onnx.NodeProto]
+    inputs: dict[str, tuple[tuple[int, ...], int]]
+    constants: dict[str, Any]
+    outputs: list[str]
+    opsets: dict[str, int]
+    functions: list[onnx.FunctionProto] = field(default_factory=list)
+    macs: int = 0
+    bytes: int = 0
+    feeds: dict[str, np.ndarray] | None = None
+    problem: str | None = None
+
+    @property
+    def ops(self) -> str:
+        return "+".join(n.op_type for n in self.nodes if n.op_type != "Constant") or "Constant"
+
+    def signature(self) -> str:
+        """Stable hash of what the timing depends on; tensor and node names do not count."""
+        rename: dict[str, str] = {}
+
+        def canon(name: str) -> str:
+            if not name:
+                return ""
+            return rename.setdefault(name, f"t{len(rename)}")
+
+        h = hashlib.sha256(f"unit-v{CACHE_VERSION}".encode())
+        for name, (shape, et) in self.inputs.items():
+            h.update(f"in {canon(name)} {list(shape)} {et};".encode())
+        for name, c in self.constants.items():
+            canon(name)
+            if isinstance(c, onnx.TensorProto):
+                h.update(f"c {rename[name]} {list(c.dims)} {c.data_type}".encode())
+                if math.prod(c.dims) <= _VALUE_SIGNATURE_ELEMS:
+                    h.update(numpy_helper.to_array(c).tobytes())
+            else:
+                h.update(f"c {rename[name]} {list(c[0])} {c[1]}".encode())
+        for n in self.nodes:
+            ins = [canon(i) for i in n.input]
+            outs = [canon(o) for o in n.output]
+            attrs = [a.SerializeToString() for a in sorted(n.attribute, key=lambda a: a.name)]
+            h.update(f"n {n.domain}:{n.op_type} {ins} {outs}".encode())
+            for a in attrs:
+                h.update(a)
+        for d, v in sorted(self.opsets.items()):
+            h.update(f"op {d}={v}".encode())
+        for f in self.functions:
+            h.update(f.SerializeToString())
+        h.update(str([canon(o) for o in self.outputs]).encode())
+        return h.hexdigest()[:32]
+
+    def model(self, seed: int = 0) -> onnx.ModelProto:
+        """The one-unit model (random constants drawn from `seed`)."""
+        from onnxcomp.model import runtime_compatible
+
+        rng = np.random.default_rng(seed)
+        inits = []
+        for name, c in self.constants.items():
+            if isinstance(c, onnx.TensorProto):
+                t = onnx.TensorProto()
+                t.CopyFrom(c)
+                t.name = name
+                inits.append(t)
+            else:
+                inits.append(numpy_helper.from_array(_random(rng, c[0], c[1]), name))
+        inputs = [helper.make_tensor_value_info(n, et, list(s)) for n, (s, et) in self.inputs.items()]
+        outputs = [onnx.ValueInfoProto(name=o) for o in self.outputs]  # onnxruntime infers the types
+        graph = helper.make_graph(self.nodes, f"unit:{self.name}", inputs, outputs, initializer=inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in self.opsets.items()],
+                              functions=self.functions or None)
+        return runtime_compatible(m)
+
+    def make_feeds(self, seed: int = 0) -> dict[str, np.ndarray]:
+        if self.feeds is not None:
+            return self.feeds
+        rng = np.random.default_rng(seed + 1)
+        return {n: _random(rng, s, et) for n, (s, et) in self.inputs.items()}
+
+
+def _random(rng: np.random.Generator, shape: Sequence[int], elem_type: int) -> np.ndarray:
+    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(tuple(shape), dtype=np.float32).astype(dtype)
+    if dtype == np.bool_:
+        return rng.random(tuple(shape)) < 0.5
+    info = np.iinfo(dtype)
+    return rng.integers(max(info.min, -8), min(info.max, 8) + 1, size=tuple(shape)).astype(dtype)
+
+
+def unit_for_nodes(name: str, nodes: Sequence[onnx.NodeProto], inputs: dict[str, tuple[tuple[int, ...], int]],
+                   constants: dict[str, Any], outputs: Sequence[str], opset: int, *, macs: int = 0,
+                   extra_opsets: dict[str, int] | None = None) -> Unit:
+    """A unit from freshly made nodes (a pass's candidate rewrite); constants given as shapes are random."""
+    nbytes = sum(math.prod(s) * _itemsize(et) for s, et in inputs.values())
+    for c in constants.values():
+        dims, et = (tuple(c.dims), c.data_type) if isinstance(c, onnx.TensorProto) else c
+        nbytes += math.prod(dims) * _itemsize(et)
+    opsets = {"": opset, **(extra_opsets or {})}
+    return Unit(name, list(nodes), dict(inputs), dict(constants), list(outputs), opsets, macs=int(macs), bytes=nbytes)
+
+
+def _itemsize(elem_type: int) -> int:
+    try:
+        return int(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).itemsize)
+    except Exception:
+        return 4
+
+
+def split_units(model: onnx.ModelProto, values: dict[str, np.ndarray], macs: dict[str, int] | None = None,
+                shapes: dict[str, tuple] | None = None) -> list[Unit]:
+    """Cut `model` into units in graph order: each weighted op with the sole-consumer chain of ops
+    onnxruntime fuses into it, every other op alone; constant subgraphs go with the units that read
+    them. `values` holds the runtime tensors of one real run (unit inputs take their values and
+    shapes from it); a tensor missing from it makes its unit unbuildable, with the reason."""
+    from onnxcomp.graph import GraphIndex, node_label
+
+    index = GraphIndex(model)
+    g = model.graph
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            if i:
+                consumers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in g.output}
+    constant: dict[str, onnx.NodeProto | None] = {t.name: None for t in g.initializer}
+    const_nodes: set[int] = set()
+    for n in g.node:  # graph order is topological
+        if n.op_type in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"):
+            continue
+        if (n.op_type == "Constant" or (n.input and all((not i) or i in constant for i in n.input))) and n.output:
+            const_nodes.add(id(n))
+            for o in n.output:
+                constant[o] = n
+    opsets = {(o.domain or ""): o.version for o in model.opset_import}
+    local = {(f.domain, f.name): f for f in model.functions}
+    done: set[int] = set()
+    units: list[Unit] = []
+    macs = macs or {}
+    for n in g.node:
+        if id(n) in const_nodes or id(n) in done:
+            continue
+        chain = [n]
+        if n.op_type in WEIGHTED:
+            while len(chain) < 4:
+                out = chain[-1].output[0] if chain[-1].output else ""
+                users = consumers.get(out, [])
+                if len(users) != 1 or out in graph_outputs or users[0].op_type not in FUSABLE or id(users[0]) in done:
+                    break
+                chain.append(users[0])
+        done.update(id(c) for c in chain)
+        units.append(_cut(model, chain, index, constant, consumers, graph_outputs, values, opsets, local, macs, shapes,
+                          node_label))
+    return units
+
+
+def _cut(model, chain, index, constant, consumers, graph_outputs, values, opsets, local, macs, shapes,
+         node_label) -> Unit:
+    produced = {o for c in chain for o in c.output if o}
+    members = {id(c) for c in chain}
+    inputs: dict[str, tuple[tuple[int, ...], int]] = {}
+    feeds: dict[str, np.ndarray] = {}
+    consts: dict[str, Any] = {}
+    pre: list[onnx.NodeProto] = []
+    problem = None
+    seen_pre: set[int] = set()
+
+    def pull_constant(name: str) -> None:
+        producer = constant.get(name)
+        if producer is None:
+            consts[name] = index.initializers[name]
+            return
+        if id(producer) in seen_pre:
+            return
+        for i in producer.input:
+            if i and i not in consts:
+                pull_constant(i)
+        seen_pre.add(id(producer))
+        pre.append(producer)
+
+    for c in chain:
+        for i in c.input:
+            if not i or i in produced or i in inputs or i in consts:
+                continue
+            if i in constant:
+                pull_constant(i)
+            elif i in values:
+                v = values[i]
+                inputs[i] = (tuple(int(d) for d in v.shape), helper.np_dtype_to_tensor_dtype(v.dtype))
+                feeds[i] = v
+            else:
+                problem = problem or f"input '{i}' has no known value at these shapes"
+        if c.domain not in _STANDARD_DOMAINS and (c.domain, c.op_type) not in local:
+            problem = problem or f"custom op {c.domain}.{c.op_type} has no body to run alone"
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in c.attribute):
+            problem = problem or f"{c.op_type} has subgraphs (control flow is not timed alone)"
+    outs = [o for c in chain for o in c.output
+            if o and (o in graph_outputs or any(id(u) not in members for u in consumers.get(o, [])))]
+    if not outs:
+        outs = [chain[-1].output[0]]
+    funcs = [local[(c.domain, c.op_type)] for c in chain if (c.domain, c.op_type) in local]
+    nbytes = sum(v.nbytes for v in feeds.values()) + sum(int(values[o].nbytes) for o in outs if o in values)
+    for t in consts.values():
+        nbytes += math.prod(t.dims) * _itemsize(t.data_type)
+    label = node_label(chain[0])
+    return Unit(label, pre + list(chain), inputs, consts, outs, dict(opsets), funcs,
+                macs=int(sum(macs.get(node_label(c), 0) or 0 for c in chain)), bytes=int(nbytes),
+                feeds=feeds, problem=problem)
+
+
+# ---------------------------------------------------------------------------------------------
+# estimates and the cache
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Estimate:
+    """One unit's latency: `ms` (median of interleaved runs, or the analytic figure), where it came
+    from (`source`: measured | cache | analytic) and, for analytic, why."""
+
+    ms: float
+    source: str
+    runs: int = 0
+    spread: float = 0.0  # (p90 - p10) / p50 of the runs
+    reason: str | None = None
+    # Layout reorders onnxruntime put around the unit alone (not in `ms`). Inside a model, adding
+    # back the ones its optimised graph keeps made the sum of layers worse (PP-OCR cls: +53%
+    # instead of +0.2%; resnet50 unchanged): at small tensors they cost far less there than alone.
+    reorder_in_ms: float = 0.0
+    reorder_out_ms: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ms": round(self.ms, 5), "source": self.source}
+        if self.runs:
+            out["runs"] = self.runs
+            out["spread"] = round(self.spread, 4)
+        if self.reason:
+            out["reason"] = self.reason
+        if self.reorder_in_ms or self.reorder_out_ms:
+            out["reorder_ms"] = [round(self.reorder_in_ms, 5), round(self.reorder_out_ms, 5)]
+        return out
+
+    @property
+    def blocked(self) -> bool:
+        """onnxruntime ran this unit in its blocked (NCHWc) layout."""
+        return self.reorder_in_ms > 0 or self.reorder_out_ms > 0
+
+
+class LatencyCache:
+    """Timings of this machine and settings, one JSON file; another machine's file is ignored."""
+
+    def __init__(self, settings: Settings, directory: Path | None = None):
+        self.header = {"version": CACHE_VERSION, "machine": machine(), "settings": settings.as_dict()}
+        digest = hashlib.sha256(json.dumps(self.header, sort_keys=True).encode()).hexdigest()[:16]
+        self.path = (directory or cache_root() / "latency") / f"{digest}.json"
+        self.entries: dict[str, dict] = {}
+        self.ignored: str | None = None
+        self._dirty: dict[str, dict] = {}
+        self._load()
+
+    def _load(self) -> None:
+        if not self.path.is_file():
+            return
+        try:
+            doc = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.ignored = f"{self.path}: unreadable, ignored"
+            return
+        if not isinstance(doc, dict) or doc.get("header") != self.header:
+            self.ignored = f"{self.path}: written by another machine, onnxruntime or settings; ignored"
+            return
+        entries = doc.get("entries")
+        if isinstance(entries, dict):
+            self.entries = {k: v for k, v in entries.items() if isinstance(v, dict) and _finite(v.get("ms"))}
+
+    def get(self, sig: str) -> dict | None:
+        return self.entries.get(sig)
+
+    def put(self, sig: str, entry: dict) -> None:
+        self.entries[sig] = entry
+        self._dirty[sig] = entry
+
+    def save(self) -> None:
+        """Merge what this process measured into the file (atomic rename); an unwritable cache only
+        costs the next run its time."""
+        if not self._dirty:
+            return
+        from onnxcomp.model import save_text
+
+        merged = {}
+        try:
+            doc = json.loads(self.path.read_text()) if self.path.is_file() else None
+            if isinstance(doc, dict) and doc.get("header") == self.header and isinstance(doc.get("entries"), dict):
+                merged.update(doc["entries"])
+        except (OSError, ValueError):
+            pass
+        merged.update(self._dirty)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            save_text(self.path, json.dumps({"header": self.header, "entries": merged}, sort_keys=True) + "\n")
+            self._dirty.clear()
+        except (OSError, OnnxcompError):
+            pass
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the cost model
+# ---------------------------------------------------------------------------------------------
+class CostModel:
+    """Latency of units on this machine with `settings`: measured (interleaved, cached) or analytic.
+
+    `measure=False` never times anything per unit: estimates come from the analytic model. `cache=False`
+    neither reads nor writes the disk cache. `target_ms` is the time each unit is run for per
+    measurement (split over 3 rounds, at least 5 runs each).
+    """
+
+    def __init__(self, settings: Settings | None = None, *, measure: bool = True, cache: bool = True,
+                 cache_dir: Path | None = None, target_ms: float = 150.0, min_runs: int = 5, max_runs: int = 2000):
+        self.settings = settings or Settings()
+        self.measure_enabled = measure
+        self.cache = LatencyCache(self.settings, cache_dir) if cache else None
+        self.target_ms = target_ms
+        self.min_runs = min_runs
+        self.max_runs = max_runs
+        self._coef: tuple[tuple[float, float, float], str] | None = None
+        self.measured_units = 0
+        self.cached_units = 0
+
+    # -- public -------------------------------------------------------------------------------
+    def estimate(self, units: Sequence[Unit], *, fresh: bool = False, together: bool = True,
+                 net_of_layout: bool = True) -> list[Estimate]:
+        """One estimate per unit, in order. Units not cached are measured together, interleaved (so a
+        layer and its alternatives see the same machine state), or one after the other with
+        `together=False` (a model's many layers: interleaving dozens of them evicts each one's input
+        from the cache, which in a model the previous layer has just written; measured on resnet50,
+        the layers' sum came out 14% high interleaved, 3% low one by one). `fresh=True` re-measures
+        cached ones too (a decision between close alternatives should not mix timings of different
+        moments). `net_of_layout=False` keeps layout reorders in the time (for timing reorders themselves)."""
+        out: list[Estimate | None] = [None] * len(units)
+        todo: list[int] = []
+        for k, u in enumerate(units):
+            if u.problem:
+                out[k] = self.analytic(u, reason=u.problem)
+                continue
+            if not self.measure_enabled:
+                out[k] = self.analytic(u, reason="measuring is off")
+                continue
+            hit = None if (fresh or self.cache is None) else self.cache.get(u.signature())
+            if hit is not None:
+                self.cached_units += 1
+                out[k] = Estimate(float(hit["ms"]), "cache", int(hit.get("runs", 0)), float(hit.get("spread", 0.0)),
+                                  reorder_in_ms=float(hit.get("reorder_in_ms", 0.0)),
+                                  reorder_out_ms=float(hit.get("reorder_out_ms", 0.0)))
+            else:
+                todo.append(k)
+        groups = [todo] if together else [[k] for k in todo]
+        for group in groups:
+            if group:
+                for k, est in zip(group, self._measure([units[k] for k in group], net_of_layout=net_of_layout),
+                                  strict=True):
+                    out[k] = est
+        if self.cache is not None:
+            self.cache.save()
+        return [e for e in out if e is not None]
+
+    def overhead_ms(self) -> float:
+        """The fixed cost of one session run (a one-element Identity), subtracted per unit when unit
+        times are summed into a model's (it is paid once per model run, not once per layer)."""
+        x = "x"
+        u = unit_for_nodes("run-overhead", [helper.make_node("Identity", [x], ["y"], name="id")],
+                           {x: ((1,), onnx.TensorProto.FLOAT)}, {}, ["y"], 13)
+        return self.estimate([u])[0].ms
+
+    def analytic(self, unit: Unit, reason: str) -> Estimate:
+        (c, a, b), basis = self.coefficients()
+        ms = c + a * unit.macs / 1e6 + b * unit.bytes / 1e6
+        return Estimate(float(ms), "analytic", reason=f"{reason}; analytic model ({basis})")
+
+    def coefficients(self) -> tuple[tuple[float, float, float], str]:
+        """(c ms, ms per MMAC, ms per MB) fit to this machine's cached timings, else defaults."""
+        if self._coef is None:
+            self._coef = self._fit()
+        return self._coef
+
+    def time_models(self, models: Sequence[onnx.ModelProto], feeds: dict[str, np.ndarray], *,
+                    min_runs: int = 15, target_ms: float = 1500.0) -> list[Estimate]:
+        """Whole models timed interleaved on the same feeds, with these settings (never cached: a
+        model is timed when it is judged). The guard's latency bound and `profile` use this."""
+        from onnxcomp.runtime import make_session, run_session
+
+        so = self.settings.session_options()
+        sessions = [make_session(m, options=so) for m in models]
+        names = [[o.name for o in s.get_outputs()] for s in sessions]
+        for k, s in enumerate(sessions):
+            run_session(s, names[k], feeds, f"model {k}")
+        saved = (self.min_runs, self.target_ms, self.max_runs)
+        self.min_runs, self.target_ms, self.max_runs = min_runs, target_ms, max(4 * self.max_runs, min_runs)
+        try:
+            samples = self._interleave(sessions, [feeds] * len(sessions), names)
+        finally:
+            self.min_runs, self.target_ms, self.max_runs = saved
+        out = []
+        for s in samples:
+            p50 = statistics.median(s)
+            p10, p90 = np.percentile(s, [10, 90])
+            out.append(Estimate(float(p50), "measured", len(s), float((p90 - p10) / p50) if p50 > 0 else 0.0))
+        return out
+
+    # -- internals ----------------------------------------------------------------------------
+    def _fit(self) -> tuple[tuple[float, float, float], str]:
+        from scipy.optimize import nnls
+
+        rows = [e for e in (self.cache.entries.values() if self.cache else ())
+                if _finite(e.get("macs")) and _finite(e.get("bytes"))]
+        if len(rows) < 8:
+            return _DEFAULT_COEF, "uncalibrated defaults: nothing measured on this machine yet"
+        # Relative least squares (each row divided by its time), so small layers count as much as big ones.
+        t = np.array([float(e["ms"]) for e in rows])
+        x = np.array([[1.0, float(e["macs"]) / 1e6, float(e["bytes"]) / 1e6] for e in rows])
+        w = 1.0 / np.maximum(t, 1e-3)
+        coef, _ = nnls(x * w[:, None], t * w)
+        pred = x @ coef
+        err = float(np.median(np.abs(pred - t) / np.maximum(t, 1e-6)))
+        return (float(coef[0]), float(coef[1]), float(coef[2])), f"fit to {len(rows)} timings of this machine, median error {err:.0%}"
+
+    def _measure(self, units: Sequence[Unit], net_of_layout: bool = True) -> list[Estimate]:
+        """Time `units` together, interleaved, by wall clock. A unit alone in the blocked (NCHWc)
+        layout is wrapped by onnxruntime in layout reorders (ReorderInput / ReorderOutput, up to a
+        third of a 1x1 conv's time) that inside a model consecutive blocked layers do not pay; so a
+        first profiled run names the reorders and their shapes, each is timed alone (cached like any
+        unit) and its time net of the run overhead is taken out of `ms` and reported apart. (The
+        profiler's own kernel times are not used: profiling inflates them several fold on small
+        ops; a 16 KB reorder reads 22 us profiled, 1.3 us timed.)"""
+        import tempfile
+
+        results: list[Estimate | None] = [None] * len(units)
+        live: list[int] = []
+        sessions, feeds, names, reorders = [], [], [], []
+        with tempfile.TemporaryDirectory(prefix="onnxcomp-latency-") as tmp:
+            for k, u in enumerate(units):
+                so = self.settings.session_options()
+                so.enable_profiling = True
+                so.profile_file_prefix = os.path.join(tmp, f"unit{k}")
+                try:
+                    sess = ort.InferenceSession(u.model().SerializeToString(), sess_options=so,
+                                                providers=[self.settings.provider])
+                    f = u.make_feeds()
+                    outs = [o.name for o in sess.get_outputs()]
+                    sess.run(outs, f)
+                except Exception as exc:  # onnxruntime's own error types; the unit falls back to the analytic model
+                    results[k] = self.analytic(u, reason=f"cannot run alone ({first_line(exc, 160)})")
+                    continue
+                found = _profiled_reorders(sess.end_profiling())  # ends profiling too
+                reorders.append(found if net_of_layout else [])
+                live.append(k)
+                sessions.append(sess)
+                feeds.append(f)
+                names.append(outs)
+            if live:
+                wall = self._interleave(sessions, feeds, names)
+                del sessions
+                costs = self._reorder_costs([r for group in reorders for r in group])
+                for k, w, group in zip(live, wall, reorders, strict=True):
+                    p50 = statistics.median(w)
+                    p10, p90 = np.percentile(w, [10, 90])
+                    r_in = sum(costs[r] for r in group if r[0] == "ReorderInput")
+                    r_out = sum(costs[r] for r in group if r[0] == "ReorderOutput")
+                    est = Estimate(float(max(p50 - r_in - r_out, 0.0)), "measured", len(w),
+                                   float((p90 - p10) / p50) if p50 > 0 else 0.0, reorder_in_ms=r_in, reorder_out_ms=r_out)
+                    results[k] = est
+                    self.measured_units += 1
+                    if self.cache is not None:
+                        self.cache.put(units[k].signature(), {
+                            "ms": est.ms, "runs": est.runs, "spread": est.spread, "wall_ms": float(p50),
+                            "reorder_in_ms": est.reorder_in_ms, "reorder_out_ms": est.reorder_out_ms,
+                            "macs": units[k].macs, "bytes": units[k].bytes, "ops": units[k].ops})
+                        self._coef = None
+        return [r for r in results if r is not None]
+
+    def _reorder_costs(self, reorders: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> dict:
+        """Time net of the run overhead of each distinct (op, input shape, output shape) reorder."""
+        distinct = list(dict.fromkeys(reorders))
+        if not distinct:
+            return {}
+        units = []
+        for op, shape_in, shape_out in distinct:
+            attrs = {"channels": int(shape_out[1])} if op == "ReorderOutput" else {}
+            node = helper.make_node(op, ["x"], ["y"], name=op.lower(), domain="com.microsoft.nchwc", **attrs)
+            units.append(unit_for_nodes(op, [node], {"x": (shape_in, onnx.TensorProto.FLOAT)}, {}, ["y"], 13,
+                                        extra_opsets={"com.microsoft.nchwc": 1}))
+        overhead = self.overhead_ms()
+        times = self.estimate(units, together=False, net_of_layout=False)
+        return {r: max(t.ms - overhead, 0.0) if t.source != "analytic" else 0.0 for r, t in zip(distinct, times, strict=True)}
+
+    def _interleave(self, sessions: Sequence[Any], feeds: Sequence[dict], names: Sequence[list[str]]) -> list[list[float]]:
+        """Run counts from a short probe (each unit runs about target_ms in all), then 3 rounds in which
+        every unit still owed a run runs once per iteration, the start rotating."""
+        clock = time.perf_counter
+        n = len(sessions)
+        probe = []
+        for k in range(n):  # warm-up and a first time per unit
+            sessions[k].run(names[k], feeds[k])
+            t0 = clock()
+            sessions[k].run(names[k], feeds[k])
+            probe.append(max((clock() - t0) * 1e3, 1e-3))
+        want = [min(max(self.min_runs, math.ceil(self.target_ms / p)), self.max_runs) for p in probe]
+        samples: list[list[float]] = [[] for _ in range(n)]
+        rounds = 3
+        for r in range(rounds):
+            quota = [math.ceil(w * (r + 1) / rounds) for w in want]
+            it = 0
+            while True:
+                owed = [k for k in range(n) if len(samples[k]) < quota[k]]
+                if not owed:
+                    break
+                for j in range(len(owed)):
+                    k = owed[(it + j) % len(owed)]
+                    t0 = clock()
+                    sessions[k].run(names[k], feeds[k])
+                    samples[k].append((clock() - t0) * 1e3)
+                it += 1
+        return samples
+
+
+def _profiled_reorders(path: str) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """(op, input shape, output shape) of every layout reorder of the first run in an onnxruntime
+    profile file ([] when it says nothing)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            events = json.load(fh)
+    except (OSError, ValueError):
+        return []
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                  if e.get("cat") == "Session" and e.get("name") == "model_run")
+    if not runs:
+        return []
+    begin, end = runs[0]
+    out = []
+    for e in events:
+        args = e.get("args", {})
+        op = args.get("op_name")
+        if (e.get("cat") != "Node" or op not in ("ReorderInput", "ReorderOutput")
+                or not str(e.get("name", "")).endswith("_kernel_time") or not begin <= e.get("ts", -1) <= end):
+            continue
+        try:
+            shape_in = tuple(int(d) for d in next(iter(args["input_type_shape"][0].values())))
+            shape_out = tuple(int(d) for d in next(iter(args["output_type_shape"][0].values())))
+        except (KeyError, IndexError, StopIteration, TypeError, ValueError):
+            continue
+        out.append((op, shape_in, shape_out))
+    return out
+
+
+def speedups(model: CostModel, original: Unit, alternatives: Iterable[Unit]) -> tuple[Estimate, list[Estimate]]:
+    """The original unit's estimate and each alternative's, measured together (fresh, interleaved)."""
+    alts = list(alternatives)
+    est = model.estimate([original, *alts], fresh=bool(alts))
+    return est[0], est[1:]
