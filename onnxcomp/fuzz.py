@@ -222,7 +222,7 @@ class Run:
 PIPELINES: list[tuple[str, bool, tuple[str, ...], bool]] = [
     ("normalize", False, (), True),
     # full ranks, growth allowed: every decomposable layer rewritten, and exactly (a rewrite check)
-    ("tucker{rank=1.0,round=1,min_gain=-10,iterations=0}", False, (), True),
+    ("tucker{rank=1.0,round=1,min_gain=-10,iterations=0,objective=macs}", False, (), True),
     ("tucker{rank=0.5,round=1,min_gain=-1}", False, (), False),
     ("tucker{method=response,rank=energy:0.9,round=2},int8{samples=16}", True, (), False),
     ("tucker{rank=0.5,round=2,refit=sequential}", True, ("--no-guard", "--validate"), False),

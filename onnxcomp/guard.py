@@ -69,7 +69,7 @@ class Guard:
 
     def __init__(self, reference: onnx.ModelProto, source: Any, tolerance: AnyTolerance | None, *,
                  on_fail: str = "repair", max_restore: int | None = None, task: Any = None, metric: Any = None,
-                 threads: int | None = None, max_latency_ratio: float | None = None):
+                 threads: int | None = None, max_latency_ratio: float | None = None, cost_model: Any = None):
         if on_fail not in ("repair", "stop"):
             raise ValueError(f"on_fail must be 'repair' or 'stop', got {on_fail!r}")
         self.reference = reference
@@ -85,6 +85,7 @@ class Guard:
 
             raise BadInputError(f"max latency ratio {max_latency_ratio!r}: expected a positive number")
         self.max_latency_ratio = max_latency_ratio
+        self.cost_model = cost_model  # onnxcomp.costmodel.CostModel: the passes' settings (made on first use)
         self.seconds = 0.0  # time spent checking and repairing
         self._ref_cache: dict = {}
 
@@ -110,18 +111,20 @@ class Guard:
 
     def latency_ratio(self, candidate: onnx.ModelProto) -> float:
         """The candidate's onnxruntime p50 latency over the reference's, batch 1 (or the batch the
-        model fixes), interleaved runs in one process, full optimisation (onnxcomp.runtime.measure_latency)."""
-        from onnxcomp.runtime import measure_latency
+        model fixes), interleaved runs in one process, timed by the cost model with the settings the
+        passes measured their layers with (onnxcomp.costmodel.CostModel.time_models)."""
+        from onnxcomp.costmodel import CostModel, Settings
         from onnxcomp.validation import _fixed_batch
 
         t0 = time.perf_counter()
         try:
+            if self.cost_model is None:
+                self.cost_model = CostModel(Settings(threads=self.threads or 2))
             feeds = self.source.first_batch()[0]
             if _fixed_batch(self.reference) is None:
                 feeds = {k: v[:1] for k, v in feeds.items()}
-            ref, cand = measure_latency([self.reference, candidate], feeds, threads=self.threads or 2,
-                                        warmup=5, runs=20, rounds=3)
-            return cand.p50_ms / ref.p50_ms
+            ref, cand = self.cost_model.time_models([self.reference, candidate], feeds, target_ms=600.0)
+            return cand.ms / ref.ms
         finally:
             self.seconds += time.perf_counter() - t0
 

@@ -450,7 +450,7 @@ def guard_for(model: onnx.ModelProto, ctx: Context, tolerance: AnyTolerance | No
     from onnxcomp.validation import resolve_source
 
     if ctx.data is None:
-        return Guard(model, resolve_source(model, ctx), tolerance, **options), ctx
+        return Guard(model, resolve_source(model, ctx), tolerance, cost_model=ctx.costs(), **options), ctx
     source = resolve_source(model, ctx)
     fit, held = holdout_split(source)
     n_held = held.num_samples if held.num_samples is not None else sum(
@@ -459,7 +459,7 @@ def guard_for(model: onnx.ModelProto, ctx: Context, tolerance: AnyTolerance | No
         total = source.num_samples if source.num_samples is not None else "too few"
         raise BadInputError(f"{source.description}: {total} samples hold out only {n_held} for the guard "
                             f"(it needs {MIN_HELD_OUT}, so about {4 * MIN_HELD_OUT} samples); give more data or --no-guard")
-    return Guard(model, held, tolerance, **options), dataclasses.replace(ctx, data=fit)
+    return Guard(model, held, tolerance, cost_model=ctx.costs(), **options), dataclasses.replace(ctx, data=fit)
 
 
 MIN_HELD_OUT = 8

@@ -69,3 +69,14 @@ def tiny_conv_model() -> Callable[..., onnx.ModelProto]:
     """`tiny_conv_model(cin=4, cout=8, kernel=3, group=1, bias=True, bn=False, transpose=False, ...)`:
     see `make_conv_model`."""
     return make_conv_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_cache(tmp_path_factory):
+    """Latency and sensitivity caches of the test run live in a temporary folder, shared by every
+    test and the subprocesses they start (so two runs of one command read the same timings)."""
+    import os
+
+    if "ONNXCOMP_CACHE_DIR" not in os.environ:
+        os.environ["ONNXCOMP_CACHE_DIR"] = str(tmp_path_factory.mktemp("onnxcomp-cache"))
+    yield

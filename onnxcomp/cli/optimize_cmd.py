@@ -36,6 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-normalize", action="store_true", help="do not prepend the normalize pass")
     add_data_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seed for every random choice (same seed, same bytes)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="onnxruntime intra-op threads the model will run with: the cost model times layers and "
+                        "the guard times models with it (default 2)")
+    p.add_argument("--no-measure", action="store_true",
+                   help="passes estimate layer latency from the analytic model instead of timing layers")
     p.add_argument("--report", default=None, help="write the full per-layer report as JSON here")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout instead of tables")
     p.add_argument("--validate", action="store_true",
@@ -83,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
 
         source = open_source(args.data, model=model, input_shapes=shapes, batch_size=args.batch_size, limit=args.samples)
         shapes = shapes_from_data(model, source, shapes)  # figures at the size the data has
-    ctx = Context(data=source, seed=args.seed, input_shapes=shapes, progress=Progress(enabled=None if not args.quiet else False))
+    from onnxcomp.costmodel import CostModel, Settings
+
+    ctx = Context(data=source, seed=args.seed, input_shapes=shapes, progress=Progress(enabled=None if not args.quiet else False),
+                  cost_model=CostModel(Settings(threads=args.threads), measure=not args.no_measure, target_ms=60.0))
     guarded = not args.no_guard and (source is not None or args.validate_each)
     if args.on_fail is not None and not guarded:
         why = "--no-guard turns the guard off" if args.no_guard else "give --data (or --validate-each for random inputs)"

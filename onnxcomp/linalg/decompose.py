@@ -406,7 +406,7 @@ def rank_options(
                 continue
             r_out = None if ro == T else ro
             r_in = None if (tail_in is None or ri == S) else ri
-            err = _pair_error(float(tail_out[ro]), float(tail_in[ri]) if tail_in is not None else 0.0)
+            err = pair_error(float(tail_out[ro]), float(tail_in[ri]) if tail_in is not None else 0.0)
             opts.append(RankOption(r_out, r_in, cost.tucker(r_out, r_in), err))
     opts.sort(key=lambda o: (o.macs, o.error))
     front: list[RankOption] = []
@@ -418,7 +418,7 @@ def rank_options(
     return front
 
 
-def _pair_error(tail_out: float, tail_in: float) -> float:
+def pair_error(tail_out: float, tail_in: float) -> float:
     """Estimated relative error of truncating two modes that discard tail_out / tail_in of their
     energy: 1 - (1 - tail_out)(1 - tail_in), i.e. the kept shares multiply. Exact for a single mode
     and when the two modes' energy is spread independently (e.g. iid weights); between

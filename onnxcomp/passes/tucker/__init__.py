@@ -114,11 +114,14 @@ from onnxcomp.passes.base import (
     PassResult,
     option,
 )
+from onnxcomp.passes.tucker import latency
 
 # refit=on holds out every _HOLDOUT-th calibration sample (the 2nd, 6th, ...) to check the fit.
 _HOLDOUT = 4
 # allocate=sensitivity measures at most this many rank options per layer.
 _PROBES = 4
+# budget=latency times at most this many rank options per layer (the others are interpolated).
+_TIMED = 5
 
 _RANK_RE = re.compile(r"^(?:evbmf|(?:energy|macs):[0-9.eE+-]+|[0-9.eE+-]+)$")
 
@@ -287,8 +290,12 @@ class TuckerPass(Pass):
         if cfg.budget:
             decided = self._allocate_budget(model, plans, ctx=ctx, cfg=cfg, figures=figures)
         else:
-            for i, plan in enumerate(plans):
+            for i, plan in ctx.progress.iter(list(enumerate(plans)), "tucker ranks"):
                 decided[i] = self._choose_ranks(plan, cfg)
+                if decided[i] is None and cfg.objective == "latency":
+                    decided[i] = self._latency_pick(plan, cfg, ctx)
+            if cfg.objective == "latency" and plans:
+                figures["cost_model"] = _cost_model_summary(plans)
 
         todo = [p for i, p in enumerate(plans) if decided.get(i) is None]
         for plan in ctx.progress.iter(todo, "tucker"):
@@ -483,6 +490,47 @@ class TuckerPass(Pass):
             return f"{what} would {effect} (min_gain={cfg.min_gain:g})"
         return None
 
+    def _latency_pick(self, plan: _Plan, cfg: TuckerConfig, ctx: Context) -> str | None:
+        """objective=latency: time the layer and its options (latency.alternatives: the rank rule's
+        choice, Tucker-1 in either mode, ranks rounded up to 32) alone, interleaved; keep the fastest
+        whose estimated error is at most the rank rule's choice's, or return a skip reason when none
+        beats the layer by min_speedup. A layer that cannot be timed alone keeps the MAC rule."""
+        base_unit = latency.layer_unit(plan, None)
+        if base_unit is None:
+            plan.figures["cost"] = "macs: the layer's input shape is unknown, so it cannot be timed alone"
+            return None
+        T, S = int(plan.weight.shape[0]), int(plan.weight.shape[1])
+        e_out, e_in = self._spectra(plan)
+        t_out = dec.tail_fraction(e_out)
+        t_in = dec.tail_fraction(e_in) if e_in is not None else None
+        opts = latency.alternatives(plan, plan.ranks)  # type: ignore[arg-type]
+        errs = [latency.option_error(o, t_out, t_in, T, S) for o in opts]
+        keep = [(o, e) for o, e in zip(opts, errs, strict=True) if e <= errs[0] + 1e-12]
+        kind, value = parse_rank(cfg.rank)
+        if kind == "macs":  # the user's MAC bound still holds for every option
+            keep = [(o, e) for o, e in keep if plan.cost.tucker(*o) <= value * plan.cost.original * (1 + 1e-9)]
+        est = ctx.costs().estimate([base_unit, *[latency.layer_unit(plan, o) for o, _ in keep]])  # type: ignore[list-item]
+        base = est[0]
+        # Compared by the time each ran alone, reorders included: the same for the layer and its
+        # chains (same input and output), so the ratio understates the gain, never overstates it.
+        timed = sorted(((est[k + 1].total_ms, e, o) for k, (o, e) in enumerate(keep)), key=lambda t: (t[0], t[1]))
+        ms, err, best = timed[0]
+        plan.figures["latency"] = {
+            "layer_ms": round(base.total_ms, 5), "source": base.source,
+            "options": [{"ranks": {"output": o[0], "input": o[1]}, "ms": round(m, 5), "error_estimate": round(e, 6)}
+                        for m, e, o in timed],
+            "speedup": round(base.total_ms / ms, 4) if ms > 0 else None}
+        if base.reason:
+            plan.figures["latency"]["reason"] = base.reason
+        if not ms < base.total_ms * (1.0 - cfg.min_speedup):
+            return (f"its fastest option runs {base.total_ms / max(ms, 1e-9):.2f}x as fast as the layer "
+                    f"({base.total_ms:.4f} -> {ms:.4f} ms, {base.source}); needs "
+                    f"{1.0 / (1.0 - cfg.min_speedup):.2f}x (min_speedup={cfg.min_speedup:g})")
+        plan.ranks = best
+        plan.figures["ranks"] = {"output": best[0], "input": best[1]}
+        plan.figures["mac_gain"] = round(1.0 - self._chain_macs(plan) / plan.cost.original, 4)
+        return None
+
     def _chain_macs(self, plan: _Plan) -> float:
         r_out, r_in = plan.ranks  # type: ignore[misc]
         if plan.kind != "tucker2":
@@ -493,11 +541,11 @@ class TuckerPass(Pass):
     def _allocate_budget(self, model, plans, ctx, cfg, figures) -> dict[int, str | None]:
         from onnxcomp.analysis import layer_costs
 
-        target = parse_budget(cfg.budget)
+        kind, target = parse_budget(cfg.budget)
         all_costs = layer_costs(model, ctx.input_shapes)
-        usable = [p for p in plans if p.static]
+        usable = [p for p in plans if p.static and (kind == "macs" or p.in_shape is not None)]
         if plans and not usable:
-            raise BadInputError("tucker budget=macs:... needs static shapes: give --input-shape for symbolic dims")
+            raise BadInputError(f"tucker budget={kind}:... needs static shapes: give --input-shape for symbolic dims")
         # Layers whose MACs stay unknown (shape inference could not reach them) count as 0 and are
         # left alone; the figures say how many.
         unknown = [c.node for c in all_costs if c.macs is None] + [p.name for p in plans if not p.static]
@@ -517,15 +565,22 @@ class TuckerPass(Pass):
                 raise BadInputError("tucker allocate=sensitivity needs calibration data: give --data")
             entries = self._sensitivity_weighted(model, usable, entries, target, ctx, cfg)
         figures["budget_allocation"] = mode
+        if kind == "latency":
+            entries, total, fixed = self._timed_entries(model, usable, entries, ctx, figures)
         choice, achieved = dec.allocate_budget(entries, target * total, fixed)
         met = achieved <= target * total
+        unit = "time" if kind == "latency" else "MACs"
         figures.update({"budget_target": target, "budget_achieved": round(achieved / total, 4) if total else None,
-                        "budget_met": met, "model_macs_before": int(total), "model_macs_after": int(achieved)})
+                        "budget_met": met})
+        if kind == "latency":
+            figures.update({"model_ms_before": round(total, 4), "model_ms_after_predicted": round(achieved, 4)})
+        else:
+            figures.update({"model_macs_before": int(total), "model_macs_after": int(achieved)})
         if not met:
             figures["budget_note"] = (
-                f"macs:{target:g} is out of reach: with every decomposable layer at its cheapest option "
+                f"{kind}:{target:g} is out of reach: with every decomposable layer at its cheapest option "
                 f"(round={cfg.round}, min_rank={cfg.min_rank}, min_gain={cfg.min_gain:g}) the model keeps "
-                f"{achieved / total:.3f} of its MACs; {fixed / total:.3f} are in layers this pass cannot decompose")
+                f"{achieved / total:.3f} of its {unit}; {fixed / total:.3f} are in layers this pass cannot decompose")
         if unknown:
             figures["budget_macs_unknown"] = sorted(set(unknown))
         decided: dict[int, str | None] = {}
@@ -549,6 +604,47 @@ class TuckerPass(Pass):
             p.figures["error_estimate"] = round(o.error, 6)
             decided[i] = None
         return decided
+
+    def _timed_entries(self, model, usable, entries, ctx, figures):
+        """budget=latency: each layer's options with their cost in measured ms instead of MACs.
+
+        Per layer, the layer itself and up to `_TIMED` options spread over its front are timed
+        alone, interleaved (onnxcomp.costmodel); an option in between gets the time interpolated
+        linearly in MACs between its measured neighbours. The model's own time is measured whole
+        with the same settings, and what the layers do not account for is fixed."""
+        import dataclasses
+
+        from onnxcomp.data import random_source
+
+        cm = ctx.costs()
+        out = []
+        layer_ms = 0.0
+        sources: dict[str, int] = {}
+        for p, (_, opts) in ctx.progress.iter(list(zip(usable, entries, strict=True)), "tucker latency"):
+            picks = sorted({round(k * (len(opts) - 1) / max(_TIMED - 1, 1)) for k in range(_TIMED)}) if opts else []
+            units = [latency.layer_unit(p, None), *[latency.layer_unit(p, (opts[j].r_out, opts[j].r_in)) for j in picks]]
+            est = cm.estimate(units)  # type: ignore[arg-type]
+            for e in est:
+                sources[e.source] = sources.get(e.source, 0) + 1
+            base = est[0].ms
+            layout = est[0].total_ms - base  # the layer's boundary reorders: its chains pay the same
+            layer_ms += base
+            xs = [p.cost.original] + [opts[j].macs for j in picks]
+            ys = [base] + [max(e.total_ms - layout, 1e-6) for e in est[1:]]
+            order = np.argsort(xs)
+            xs_sorted, ys_sorted = np.asarray(xs)[order], np.asarray(ys)[order]
+            timed = [dataclasses.replace(o, macs=float(np.interp(o.macs, xs_sorted, ys_sorted))) for o in opts]
+            p.figures["latency"] = {"layer_ms": round(base, 5), "source": est[0].source,
+                                    "timed": [{"ranks": {"output": opts[j].r_out, "input": opts[j].r_in},
+                                               "ms": round(y, 5)} for j, y in zip(picks, ys[1:], strict=True)]}
+            out.append((base, timed))
+        shapes = ctx.input_shapes or None
+        feeds = random_source(model, shapes, samples=1, batch_size=1, seed=ctx.seed).first_batch()[0]
+        whole = cm.time_models([model], feeds, target_ms=600.0)[0].ms
+        total = max(whole, layer_ms)
+        figures["cost_model"] = {"layers": sources, "model_ms_measured": round(whole, 4),
+                                 "layers_ms": round(layer_ms, 4)}
+        return out, total, max(total - layer_ms, 0.0)
 
     def _sensitivity_weighted(self, model, usable, entries, target, ctx, cfg):
         """Each layer's options with their error proxy replaced by the measured model-output error.
@@ -892,6 +988,17 @@ class TuckerPass(Pass):
             nodes.append(make_node("MatMul", [src, wn], [out], f"{base}/0"))
             src = out
         return nodes, inits, src
+
+
+def _cost_model_summary(plans: list[_Plan]) -> dict:
+    """How many layers' latency choice came from measurements, the cache, the analytic model, or MACs."""
+    counts: dict[str, int] = {}
+    for p in plans:
+        lat = p.figures.get("latency")
+        key = lat["source"] if lat else ("macs" if "cost" in p.figures else None)
+        if key:
+            counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 def _known(shape) -> bool:
