@@ -233,105 +233,122 @@ def _itemsize(elem_type: int) -> int:
         return 4
 
 
-def split_units(model: onnx.ModelProto, values: dict[str, np.ndarray], macs: dict[str, int] | None = None,
-                shapes: dict[str, tuple] | None = None) -> list[Unit]:
+class _Cutter:
+    """What cutting units out of one model needs, computed once: producers, consumers, the tensors
+    that are constant (initializers and outputs of constant subgraphs), opsets, local functions."""
+
+    def __init__(self, model: onnx.ModelProto):
+        from onnxcomp.graph import GraphIndex
+
+        self.index = GraphIndex(model)
+        g = model.graph
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in g.node:
+            for i in n.input:
+                if i:
+                    self.consumers.setdefault(i, []).append(n)
+        self.graph_outputs = {o.name for o in g.output}
+        self.constant: dict[str, onnx.NodeProto | None] = {t.name: None for t in g.initializer}
+        self.const_nodes: set[int] = set()
+        for n in g.node:  # graph order is topological
+            if n.op_type in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"):
+                continue
+            if (n.op_type == "Constant" or (n.input and all((not i) or i in self.constant for i in n.input))) and n.output:
+                self.const_nodes.add(id(n))
+                for o in n.output:
+                    self.constant[o] = n
+        self.opsets = {(o.domain or ""): o.version for o in model.opset_import}
+        self.local = {(f.domain, f.name): f for f in model.functions}
+
+    def cut(self, chain: Sequence[onnx.NodeProto], values: dict[str, np.ndarray], macs: dict[str, int]) -> Unit:
+        from onnxcomp.graph import node_label
+
+        produced = {o for c in chain for o in c.output if o}
+        members = {id(c) for c in chain}
+        inputs: dict[str, tuple[tuple[int, ...], int]] = {}
+        feeds: dict[str, np.ndarray] = {}
+        consts: dict[str, Any] = {}
+        pre: list[onnx.NodeProto] = []
+        problem = None
+        seen_pre: set[int] = set()
+
+        def pull_constant(name: str) -> None:
+            producer = self.constant.get(name)
+            if producer is None:
+                t = self.index.initializers[name]
+                # Weights kept on disk (a model over 2 GB) are timed with random values of their
+                # shape: the time does not depend on them, and the one-layer model must be in memory.
+                external = t.data_location == onnx.TensorProto.EXTERNAL
+                consts[name] = (tuple(int(d) for d in t.dims), t.data_type) if external else t
+                return
+            if id(producer) in seen_pre:
+                return
+            for i in producer.input:
+                if i and i not in consts:
+                    pull_constant(i)
+            seen_pre.add(id(producer))
+            pre.append(producer)
+
+        for c in chain:
+            for i in c.input:
+                if not i or i in produced or i in inputs or i in consts:
+                    continue
+                if i in self.constant:
+                    pull_constant(i)
+                elif i in values:
+                    v = values[i]
+                    inputs[i] = (tuple(int(d) for d in v.shape), helper.np_dtype_to_tensor_dtype(v.dtype))
+                    feeds[i] = v
+                else:
+                    problem = problem or f"input '{i}' has no known value at these shapes"
+            if c.domain not in _STANDARD_DOMAINS and (c.domain, c.op_type) not in self.local:
+                problem = problem or f"custom op {c.domain}.{c.op_type} has no body to run alone"
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in c.attribute):
+                problem = problem or f"{c.op_type} has subgraphs (control flow is not timed alone)"
+        outs = [o for c in chain for o in c.output
+                if o and (o in self.graph_outputs or any(id(u) not in members for u in self.consumers.get(o, [])))]
+        if not outs:
+            outs = [chain[-1].output[0]]
+        funcs = [self.local[(c.domain, c.op_type)] for c in chain if (c.domain, c.op_type) in self.local]
+        nbytes = sum(v.nbytes for v in feeds.values()) + sum(int(values[o].nbytes) for o in outs if o in values)
+        for c in consts.values():
+            dims, et = (tuple(c.dims), c.data_type) if isinstance(c, onnx.TensorProto) else c
+            nbytes += math.prod(dims) * _itemsize(et)
+        return Unit(node_label(chain[0]), pre + list(chain), inputs, consts, outs, dict(self.opsets), funcs,
+                    macs=int(sum(macs.get(node_label(c), 0) or 0 for c in chain)), bytes=int(nbytes),
+                    feeds=feeds, problem=problem)
+
+
+def cut_unit(model: onnx.ModelProto, chain: Sequence[onnx.NodeProto], values: dict[str, np.ndarray],
+             macs: dict[str, int] | None = None) -> Unit:
+    """One unit of `model`: the nodes of `chain` (in order) with the constant subgraphs they read;
+    inputs and their values from `values` (one real run's tensors)."""
+    return _Cutter(model).cut(chain, values, macs or {})
+
+
+def split_units(model: onnx.ModelProto, values: dict[str, np.ndarray], macs: dict[str, int] | None = None) -> list[Unit]:
     """Cut `model` into units in graph order: each weighted op with the sole-consumer chain of ops
     onnxruntime fuses into it, every other op alone; constant subgraphs go with the units that read
     them. `values` holds the runtime tensors of one real run (unit inputs take their values and
     shapes from it); a tensor missing from it makes its unit unbuildable, with the reason."""
-    from onnxcomp.graph import GraphIndex, node_label
-
-    index = GraphIndex(model)
-    g = model.graph
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            if i:
-                consumers.setdefault(i, []).append(n)
-    graph_outputs = {o.name for o in g.output}
-    constant: dict[str, onnx.NodeProto | None] = {t.name: None for t in g.initializer}
-    const_nodes: set[int] = set()
-    for n in g.node:  # graph order is topological
-        if n.op_type in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"):
-            continue
-        if (n.op_type == "Constant" or (n.input and all((not i) or i in constant for i in n.input))) and n.output:
-            const_nodes.add(id(n))
-            for o in n.output:
-                constant[o] = n
-    opsets = {(o.domain or ""): o.version for o in model.opset_import}
-    local = {(f.domain, f.name): f for f in model.functions}
+    cutter = _Cutter(model)
     done: set[int] = set()
     units: list[Unit] = []
-    macs = macs or {}
-    for n in g.node:
-        if id(n) in const_nodes or id(n) in done:
+    for n in model.graph.node:
+        if id(n) in cutter.const_nodes or id(n) in done:
             continue
         chain = [n]
         if n.op_type in WEIGHTED:
             while len(chain) < 4:
                 out = chain[-1].output[0] if chain[-1].output else ""
-                users = consumers.get(out, [])
-                if len(users) != 1 or out in graph_outputs or users[0].op_type not in FUSABLE or id(users[0]) in done:
+                users = cutter.consumers.get(out, [])
+                if (len(users) != 1 or out in cutter.graph_outputs or users[0].op_type not in FUSABLE
+                        or id(users[0]) in done):
                     break
                 chain.append(users[0])
         done.update(id(c) for c in chain)
-        units.append(_cut(model, chain, index, constant, consumers, graph_outputs, values, opsets, local, macs, shapes,
-                          node_label))
+        units.append(cutter.cut(chain, values, macs or {}))
     return units
-
-
-def _cut(model, chain, index, constant, consumers, graph_outputs, values, opsets, local, macs, shapes,
-         node_label) -> Unit:
-    produced = {o for c in chain for o in c.output if o}
-    members = {id(c) for c in chain}
-    inputs: dict[str, tuple[tuple[int, ...], int]] = {}
-    feeds: dict[str, np.ndarray] = {}
-    consts: dict[str, Any] = {}
-    pre: list[onnx.NodeProto] = []
-    problem = None
-    seen_pre: set[int] = set()
-
-    def pull_constant(name: str) -> None:
-        producer = constant.get(name)
-        if producer is None:
-            consts[name] = index.initializers[name]
-            return
-        if id(producer) in seen_pre:
-            return
-        for i in producer.input:
-            if i and i not in consts:
-                pull_constant(i)
-        seen_pre.add(id(producer))
-        pre.append(producer)
-
-    for c in chain:
-        for i in c.input:
-            if not i or i in produced or i in inputs or i in consts:
-                continue
-            if i in constant:
-                pull_constant(i)
-            elif i in values:
-                v = values[i]
-                inputs[i] = (tuple(int(d) for d in v.shape), helper.np_dtype_to_tensor_dtype(v.dtype))
-                feeds[i] = v
-            else:
-                problem = problem or f"input '{i}' has no known value at these shapes"
-        if c.domain not in _STANDARD_DOMAINS and (c.domain, c.op_type) not in local:
-            problem = problem or f"custom op {c.domain}.{c.op_type} has no body to run alone"
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in c.attribute):
-            problem = problem or f"{c.op_type} has subgraphs (control flow is not timed alone)"
-    outs = [o for c in chain for o in c.output
-            if o and (o in graph_outputs or any(id(u) not in members for u in consumers.get(o, [])))]
-    if not outs:
-        outs = [chain[-1].output[0]]
-    funcs = [local[(c.domain, c.op_type)] for c in chain if (c.domain, c.op_type) in local]
-    nbytes = sum(v.nbytes for v in feeds.values()) + sum(int(values[o].nbytes) for o in outs if o in values)
-    for t in consts.values():
-        nbytes += math.prod(t.dims) * _itemsize(t.data_type)
-    label = node_label(chain[0])
-    return Unit(label, pre + list(chain), inputs, consts, outs, dict(opsets), funcs,
-                macs=int(sum(macs.get(node_label(c), 0) or 0 for c in chain)), bytes=int(nbytes),
-                feeds=feeds, problem=problem)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,11 +67,14 @@ class Profile:
                 "notes": self.notes, "layers": [layer.as_dict() for layer in self.layers]}
 
 
-def capture_values(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every tensor of one unoptimised run on `feeds` (graph inputs included)."""
+def capture_values(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
+                   names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Every tensor (or those in `names`) of one unoptimised run on `feeds`, graph inputs included."""
     from onnxcomp.runtime import make_session, run_session
 
-    names = list(dict.fromkeys(o for n in model.graph.node for o in n.output if o))
+    if names is None:
+        names = list(dict.fromkeys(o for n in model.graph.node for o in n.output if o))
+    names = [n for n in names if n not in feeds]
     sess = make_session(model, optimize=False, extra_outputs=names)
     outs = [o.name for o in sess.get_outputs()]
     values = dict(zip(outs, run_session(sess, outs, feeds, "the model"), strict=True))

@@ -19,7 +19,7 @@ from onnxcomp.pipeline import Pipeline
 # in the repr round trip). A pass without an entry runs with its defaults.
 REWRITING = {
     "tucker": "rank=0.5,round=2,include=\"conv[12]|fc\",refit=sequential,objective=macs",
-    "int8": "samples=16,calibrate=minmax",
+    "int8": "samples=16,calibrate=minmax,objective=any",
 }
 BUILTIN = sorted(n for n, cls in registered_passes().items() if cls.__module__.startswith("onnxcomp.passes."))
 

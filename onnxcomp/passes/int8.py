@@ -42,6 +42,9 @@ class Int8Config(PassConfig):
     calibrate: str = option("minmax", "activation range estimator", choices=("minmax", "entropy", "percentile"))
     samples: int = option(64, "calibration samples taken from --data")
     activations: str = option("uint8", "activation type (uint8 is what x86 int8 kernels prefer)", choices=("uint8", "int8"))
+    objective: str = option("latency", "latency: a layer whose int8 form (with its input quantize and output "
+                            "dequantize) is measured no faster than float stays float | any: quantize every "
+                            "selected layer", choices=("latency", "any"))
 
     def validate(self) -> None:
         super().validate()
@@ -57,8 +60,6 @@ class Int8Pass(Pass):
     needs_data = True
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
         cfg: Int8Config = self.config
         work = onnx.ModelProto()
         work.CopyFrom(model)
@@ -87,13 +88,60 @@ class Int8Pass(Pass):
             return PassResult(model, layers, figures)
 
         fixed = {spec.fixed_batch for spec in model_inputs(work)} - {None}
-        reader = _CalibrationReader(ctx, cfg.samples, min(fixed) if fixed else None)
+        batch = min(fixed) if fixed else None
+        out, count = self._quantize(work, ctx, cfg, per_channel, excluded, batch)
+        slower: dict[str, dict] = {}
+        if cfg.objective == "latency":
+            slower, timed = _slower_in_int8(work, out, selected, ctx, batch)
+            figures["latency"] = timed
+            if slower:
+                out = None  # type: ignore[assignment]  # free it first: a big model's copies add up
+                out, count = self._quantize(work, ctx, cfg, per_channel, excluded + sorted(slower), batch)
+        figures.update({"calibration_samples": count, "per_channel": per_channel})
+
+        costs = {c.node: c for c in layer_costs(work, ctx.input_shapes)}  # `work` carries the node names
+        qindex = GraphIndex(out)
+        for node in out.graph.node:
+            if node.name not in selected and node.name not in slower:
+                continue
+            w_producer = qindex.producer.get(node.input[1]) if len(node.input) > 1 else None
+            quantized = w_producer is not None and w_producer.op_type == "DequantizeLinear"
+            cost = costs.get(node.name)
+            params = cost.params if cost else None
+            macs = cost.macs if cost else None
+            if node.name in slower:
+                t = slower[node.name]
+                layers.append(LayerRecord(
+                    node.name, node.op_type, SKIPPED,
+                    f"int8 measured {t['speedup']:.2f}x as fast as float ({t['float_ms']:.4f} -> {t['int8_ms']:.4f} ms "
+                    f"with its quantize/dequantize, {t['source']}): kept in float (objective=latency)",
+                    params, params, macs, macs, output=node.output[0], figures={"latency": t}))
+            elif quantized:
+                figs: dict = {"weight_bits": 8, "activation_bits": 8}
+                if node.name in figures.get("latency", {}).get("layers", {}):
+                    figs["latency"] = figures["latency"]["layers"][node.name]
+                layers.append(LayerRecord(node.name, node.op_type, REWRITTEN, "", params, params, macs, macs,
+                                          output=node.output[0], figures=figs))
+            else:
+                layers.append(LayerRecord(node.name, node.op_type, SKIPPED, "onnxruntime left it in float",
+                                          params, params, macs, macs, output=node.output[0]))
+        return PassResult(out, layers, figures)
+
+
+    def _quantize(self, work: onnx.ModelProto, ctx: Context, cfg: Int8Config, per_channel: bool,
+                  excluded: list[str], batch: int | None) -> tuple[onnx.ModelProto, int]:
+        """onnxruntime's quantize_static on `work` (excluding `excluded`); returns (model, samples fed)."""
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        reader = _CalibrationReader(ctx, cfg.samples, batch)
         method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                   "percentile": CalibrationMethod.Percentile}[cfg.calibrate]
         with tempfile.TemporaryDirectory(prefix="onnxcomp-int8-") as tmp:
             src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
             big = serialized_bytes(work) > 2**31 - 2**24  # (ByteSize() itself fails past 2 GB)
             onnx.save_model(work, str(src), save_as_external_data=big)
+            if big:  # saving moved `work`'s tensors out to the temp folder: bring them back before it goes
+                onnx.external_data_helper.load_external_data_for_model(work, tmp)
             with _quiet_root_logger():  # it nags about pre-processing, which normalize already did
                 quantize_static(
                     str(src), str(dst), reader,
@@ -107,26 +155,100 @@ class Int8Pass(Pass):
                     calibrate_method=method,
                     extra_options={"CalibTensorRangeSymmetric": False},
                 )
-            out = onnx.load(str(dst))
-        figures.update({"calibration_samples": reader.count, "per_channel": per_channel})
+            return onnx.load(str(dst)), reader.count
 
-        costs = {c.node: c for c in layer_costs(work, ctx.input_shapes)}  # `work` carries the node names
-        qindex = GraphIndex(out)
-        for node in out.graph.node:
-            if node.name not in selected:
-                continue
-            w_producer = qindex.producer.get(node.input[1]) if len(node.input) > 1 else None
-            quantized = w_producer is not None and w_producer.op_type == "DequantizeLinear"
-            cost = costs.get(node.name)
-            params = cost.params if cost else None
-            macs = cost.macs if cost else None
-            if quantized:
-                layers.append(LayerRecord(node.name, node.op_type, REWRITTEN, "", params, params, macs, macs,
-                                          output=node.output[0], figures={"weight_bits": 8, "activation_bits": 8}))
-            else:
-                layers.append(LayerRecord(node.name, node.op_type, SKIPPED, "onnxruntime left it in float",
-                                          params, params, macs, macs, output=node.output[0]))
-        return PassResult(out, layers, figures)
+
+def _slower_in_int8(work: onnx.ModelProto, out: onnx.ModelProto, names: list[str], ctx: Context,
+                    batch: int | None) -> tuple[dict[str, dict], dict]:
+    """The quantized layers of `out` that the cost model measures no faster than their float form in
+    `work`, with their timings, and a summary. Each layer's int8 unit is its QDQ neighbourhood as
+    onnxruntime fuses it (the input's QuantizeLinear -> DequantizeLinear, the weight's and bias's
+    DequantizeLinear, the layer, the output's QuantizeLinear -> DequantizeLinear), timed alone and
+    interleaved with the float layer, both on the tensors of one real calibration sample. Counting
+    the conversions at both ends is conservative inside a chain of int8 layers (there they fuse
+    away) and exact at its ends; the guard's whole-model latency check has the last word."""
+    from onnxcomp.costmodel import cut_unit
+    from onnxcomp.graph import GraphIndex
+
+    fnodes = {n.name: n for n in work.graph.node}
+    qindex = GraphIndex(out)
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in out.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    chains = {node.name: c for node in out.graph.node
+              if node.name in names and node.name in fnodes and (c := _qdq_chain(node, qindex, consumers)) is not None}
+    feeds = {k: v[: batch or 1] for k, v in ctx.data.first_batch()[0].items()}
+    wanted = {i for name in chains for i in fnodes[name].input[:1]}
+    values = _layer_inputs(work, feeds, wanted)
+    cm = ctx.costs()
+    slower: dict[str, dict] = {}
+    timed: dict[str, dict] = {}
+    untimed: dict[str, str] = {}
+    for name, chain in chains.items():
+        node = fnodes[name]
+        f_unit = cut_unit(work, [node], values)
+        q_unit = cut_unit(out, chain, values)  # its first node quantizes the same float input
+        if f_unit.problem or q_unit.problem:
+            untimed[name] = f_unit.problem or q_unit.problem or ""
+            continue
+        f_est, q_est = cm.estimate([f_unit, q_unit])
+        t = {"float_ms": round(f_est.total_ms, 5), "int8_ms": round(q_est.total_ms, 5),
+             "speedup": round(f_est.total_ms / q_est.total_ms, 4) if q_est.total_ms > 0 else None,
+             "source": f_est.source}
+        timed[name] = t
+        if q_est.total_ms >= f_est.total_ms:
+            slower[name] = t
+    summary = {"layers": timed, "kept_float": sorted(slower)}
+    if untimed:
+        summary["untimed"] = untimed
+    return slower, summary
+
+
+def _layer_inputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: set[str]) -> dict[str, np.ndarray]:
+    """Values for the layers' inputs `names`: random normal at the shapes inference gives with these
+    feeds (the time of a conv does not depend on its input's values, and no run of a possibly huge
+    model is needed), else, for the tensors whose shape stays unknown, one real run's values."""
+    from onnxcomp.profile import capture_values
+    from onnxcomp.shapes import static_shapes
+
+    shapes = static_shapes(model, {k: list(v.shape) for k, v in feeds.items()})
+    rng = np.random.default_rng(0)
+    values = {k: v for k, v in feeds.items() if k in names}
+    missing = []
+    for name in sorted(names - set(values)):
+        shape = shapes.get(name)
+        if shape and all(isinstance(d, int) and d > 0 for d in shape):
+            values[name] = rng.standard_normal(tuple(shape)).astype(np.float32)
+        else:
+            missing.append(name)
+    if missing:
+        captured = capture_values(model, feeds, missing)
+        values.update({k: captured[k] for k in missing if k in captured})
+    return values
+
+
+def _qdq_chain(node: onnx.NodeProto, index, consumers) -> list[onnx.NodeProto] | None:
+    """[input Q, input DQ, node, output Q, output DQ] around a quantized node (ends that are absent
+    are left out), or None when its weight is not dequantized (not quantized)."""
+    w_dq = index.producer.get(node.input[1]) if len(node.input) > 1 else None
+    if w_dq is None or w_dq.op_type != "DequantizeLinear":
+        return None
+    chain: list[onnx.NodeProto] = []
+    x_dq = index.producer.get(node.input[0])
+    if x_dq is not None and x_dq.op_type == "DequantizeLinear":
+        x_q = index.producer.get(x_dq.input[0])
+        if x_q is not None and x_q.op_type == "QuantizeLinear":
+            chain.append(x_q)
+        chain.append(x_dq)
+    chain.append(node)
+    users = consumers.get(node.output[0], [])
+    if len(users) == 1 and users[0].op_type == "QuantizeLinear":
+        chain.append(users[0])
+        dq = [u for u in consumers.get(users[0].output[0], []) if u.op_type == "DequantizeLinear"]
+        if dq:
+            chain.append(dq[0])
+    return chain
 
 
 @contextlib.contextmanager
