@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcomp.costmodel import CostModel, Estimate, machine, split_units
+from onnxcomp.costmodel import CostModel, Estimate, machine
+from onnxcomp.units import split_units
 
 
 @dataclass

@@ -15,8 +15,9 @@ from _helpers import ppocr_model_paths
 from _tiny_models import tiny_cnn
 from onnx import TensorProto, helper
 
-from onnxcomp.costmodel import CostModel, LatencyCache, Settings, split_units, unit_for_nodes
+from onnxcomp.costmodel import CostModel, LatencyCache, Settings
 from onnxcomp.profile import capture_values, profile
+from onnxcomp.units import split_units, unit_for_nodes
 
 
 @pytest.fixture

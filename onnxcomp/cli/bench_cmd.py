@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from onnxcomp.cli.common import human_count, print_json, table, timing_feeds
+from onnxcomp.cli.common import add_timing_input_flags, human_count, print_json, table, timing_feeds
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,11 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=int, default=20, help="timed runs per model per round (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs per model first (default 5)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; the ratio's spread is over rounds (default 3)")
-    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
-                   help="input shape (its leading dim is the batch; default batch 1)")
-    p.add_argument("--data", default=None, help="time on the first batch of this data instead of random input")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: --input-shape's, else 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random input")
+    add_timing_input_flags(p, "time")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run)

@@ -81,6 +81,15 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=None, help="random-data samples / cap on data samples")
 
 
+def add_timing_input_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """--input-shape, --data, --batch-size, --seed: what a model is timed on (see timing_feeds)."""
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
+                   help="input shape (its leading dim is the batch; default batch 1)")
+    p.add_argument("--data", default=None, help=f"{what} on the first batch of this data instead of random input")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: --input-shape's, else 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random input")
+
+
 def timing_feeds(model, data: str | None, input_shapes: dict[str, list[int]], batch: int | None, seed: int = 0):
     """The feeds a model is timed on: the first batch of `data`, else random input at `input_shapes`;
     the batch is `batch`, else --input-shape's leading dim, else 1."""

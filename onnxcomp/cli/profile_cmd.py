@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from onnxcomp.cli.common import human_count, print_json, table, timing_feeds
+from onnxcomp.cli.common import add_timing_input_flags, human_count, print_json, table, timing_feeds
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,10 +19,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("model", help="input .onnx")
-    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
-                   help="input shape (its leading dim is the batch; default batch 1)")
-    p.add_argument("--data", default=None, help="profile on the first batch of this data instead of random input")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: --input-shape's, else 1)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     p.add_argument("--optimization", default="all", choices=("all", "extended", "basic", "off"),
                    help="onnxruntime graph optimisation level (default all)")
@@ -30,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the latency cache")
     p.add_argument("--top", type=int, default=30, help="rows of the table (slowest first; default 30, 0 = all)")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a bar chart of the slowest layers")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random input")
+    add_timing_input_flags(p, "profile")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run)

@@ -47,6 +47,23 @@ nearest measured one), so the cut goes where the model-output damage per MAC sav
 `allocate=energy` keeps the weight-energy proxy. On PP-OCR's classifier at macs:0.9 this keeps
 87.75% top-1 where the energy proxy keeps 81.75% (97.50% before; tests/test_budget_sensitivity.py).
 
+**Measured latency** (`objective=latency`, the default): fewer MACs is not lower latency (thin 1x1
+convs are memory-bound, small layers pay per-op overheads), so once the rank rule has chosen, the
+layer and its options are timed alone in onnxruntime by the cost model (onnxcomp.costmodel, with the
+run's session settings, cached per machine): the rank rule's choice, Tucker-1 on either mode (one
+mode kept whole), and each with its ranks rounded up to a multiple of 32. Among the options whose
+estimated error is at most the rank rule's choice's (and, for `rank=macs:<m>`, whose MACs stay
+within m), the fastest is kept; a layer no option beats by `min_speedup` (default 5%) is left alone,
+with the timings in its figures (`latency`). A layer whose input shape is unknown cannot be built
+alone and keeps the MAC rule (figures `cost`). `objective=macs` skips the timing.
+`budget=latency:<f>`: the global budget in measured time: per layer, the layer and up to 5 options
+of its front are timed (the rest interpolated in MACs), the whole model is timed with the same
+settings, and the greedy allocation below runs on milliseconds instead of MACs, so the cut goes
+where time saved per unit of error is cheapest on this machine (`budget_achieved` is the predicted
+share of the model's time; the guard or `bench` measures the real one).
+Decisions read the latency cache first, so a second run on the same machine decides the same way;
+on a cold cache a layer within a few percent of `min_speedup` may go either way.
+
 **Data-aware refit** (`refit=on`, needs `--data`): the layer's original output Y and the output Z
 of its chain up to the last layer, both computed from the layer's *original* input on the
 calibration data (one onnxruntime run of the original model with the truncated chains attached as

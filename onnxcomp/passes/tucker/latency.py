@@ -12,8 +12,8 @@ from typing import Any
 
 from onnx import TensorProto, helper
 
-from onnxcomp.costmodel import Unit, unit_for_nodes
 from onnxcomp.linalg import decompose as dec
+from onnxcomp.units import Unit, unit_for_nodes
 
 Ranks = tuple[int | None, int | None]
 _F = TensorProto.FLOAT
