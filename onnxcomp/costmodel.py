@@ -5,15 +5,18 @@ fast paths, int8 QDQ slows depthwise convs down). So a rewrite's cost is *measur
 `Unit`: a weighted op with the elementwise ops onnxruntime fuses into it, or any single op) is built
 alone as a one-layer model with its real shapes, and timed in onnxruntime with the session settings
 the user will run (`Settings`: threads, provider, optimisation level), interleaved with the
-alternatives it is compared with (A B C A B C ..., no spinning threads). Every timing is cached on
+alternatives it is compared with (A B C A B C ..., no spinning threads). The layout conversions
+onnxruntime wraps around a lone layer (NCHWc reorders, NHWC transposes around int8 kernels), which
+inside a model consecutive layers do not pay, are timed apart and taken out (`Estimate.ms`; the
+time as it ran alone is `total_ms`). Every timing is cached on
 disk by the unit's signature (op types, attributes, shapes, dtypes, small constant values) in a file
 per (onnxruntime version, CPU model and instruction set, settings); a file written on another
 machine or version is ignored, never trusted.
 
 When measuring is off (`CostModel(measure=False)`) or a unit cannot be built alone (a shape unknown,
 a custom op without a body), an **analytic** estimate takes over: ms = c + a MACs + b bytes moved,
-with coefficients fit (non-negative least squares, scipy) to the timings cached on this machine, or
-to a small calibration set measured once; without either, documented defaults. Every `Estimate`
+with coefficients fit (non-negative least squares, scipy) to the timings cached on this machine;
+without any, documented defaults (the estimate says so). Every `Estimate`
 says which (`source`: measured, cache, analytic) and why.
 
 No graph edit here: units are small new models; the model a unit was cut from is only read.
