@@ -128,6 +128,8 @@ class Int8Pass(Pass):
             else:
                 layers.append(LayerRecord(node.name, node.op_type, SKIPPED, "onnxruntime left it in float",
                                           params, params, macs, macs, output=node.output[0]))
+        if not any(r.action == REWRITTEN for r in layers):  # every layer stayed float: the input, untouched
+            return PassResult(model, layers, figures)
         return PassResult(out, layers, figures)
 
 
