@@ -231,6 +231,7 @@ class CostModel:
         self.min_runs = min_runs
         self.max_runs = max_runs
         self._coef: tuple[tuple[float, float, float], str] | None = None
+        self._overhead: float | None = None
         self.measured_units = 0
         self.cached_units = 0
 
@@ -276,9 +277,11 @@ class CostModel:
         """The fixed cost of one session run (a one-element Identity), subtracted per unit when unit
         times are summed into a model's (it is paid once per model run, not once per layer)."""
         x = "x"
-        u = unit_for_nodes("run-overhead", [helper.make_node("Identity", [x], ["y"], name="id")],
-                           {x: ((1,), onnx.TensorProto.FLOAT)}, {}, ["y"], 13)
-        return self.estimate([u])[0].ms
+        if self._overhead is None:  # asked once per measured batch of units: measured (or read) once
+            u = unit_for_nodes("run-overhead", [helper.make_node("Identity", [x], ["y"], name="id")],
+                               {x: ((1,), onnx.TensorProto.FLOAT)}, {}, ["y"], 13)
+            self._overhead = self.estimate([u])[0].ms
+        return self._overhead
 
     def analytic(self, unit: Unit, reason: str) -> Estimate:
         (c, a, b), basis = self.coefficients()
@@ -302,12 +305,8 @@ class CostModel:
         names = [[o.name for o in s.get_outputs()] for s in sessions]
         for k, s in enumerate(sessions):
             run_session(s, names[k], feeds, f"model {k}")
-        saved = (self.min_runs, self.target_ms, self.max_runs)
-        self.min_runs, self.target_ms, self.max_runs = min_runs, target_ms, max(4 * self.max_runs, min_runs)
-        try:
-            samples = self._interleave(sessions, [feeds] * len(sessions), names)
-        finally:
-            self.min_runs, self.target_ms, self.max_runs = saved
+        samples = _interleave(sessions, [feeds] * len(sessions), names, target_ms=target_ms, min_runs=min_runs,
+                              max_runs=max(4 * self.max_runs, min_runs))
         out = []
         for s in samples:
             p50 = statistics.median(s)
@@ -368,7 +367,8 @@ class CostModel:
                 feeds.append(f)
                 names.append(outs)
             if live:
-                wall = self._interleave(sessions, feeds, names)
+                wall = _interleave(sessions, feeds, names, target_ms=self.target_ms, min_runs=self.min_runs,
+                                   max_runs=self.max_runs)
                 del sessions
                 costs = self._reorder_costs([r for group in reorders for r in group])
                 for k, w, group in zip(live, wall, reorders, strict=True):
@@ -410,35 +410,6 @@ class CostModel:
         overhead = self.overhead_ms()
         times = self.estimate(units, together=False, net_of_layout=False)
         return {r: max(t.ms - overhead, 0.0) if t.source != "analytic" else 0.0 for r, t in zip(distinct, times, strict=True)}
-
-    def _interleave(self, sessions: Sequence[Any], feeds: Sequence[dict], names: Sequence[list[str]]) -> list[list[float]]:
-        """Run counts from a short probe (each unit runs about target_ms in all), then 3 rounds in which
-        every unit still owed a run runs once per iteration, the start rotating."""
-        clock = time.perf_counter
-        n = len(sessions)
-        probe = []
-        for k in range(n):  # warm-up and a first time per unit
-            sessions[k].run(names[k], feeds[k])
-            t0 = clock()
-            sessions[k].run(names[k], feeds[k])
-            probe.append(max((clock() - t0) * 1e3, 1e-3))
-        want = [min(max(self.min_runs, math.ceil(self.target_ms / p)), self.max_runs) for p in probe]
-        samples: list[list[float]] = [[] for _ in range(n)]
-        rounds = 3
-        for r in range(rounds):
-            quota = [math.ceil(w * (r + 1) / rounds) for w in want]
-            it = 0
-            while True:
-                owed = [k for k in range(n) if len(samples[k]) < quota[k]]
-                if not owed:
-                    break
-                for j in range(len(owed)):
-                    k = owed[(it + j) % len(owed)]
-                    t0 = clock()
-                    sessions[k].run(names[k], feeds[k])
-                    samples[k].append((clock() - t0) * 1e3)
-                it += 1
-        return samples
 
 
 def _permutation(shape_in: Sequence[int], shape_out: Sequence[int]) -> list[int]:
@@ -489,3 +460,34 @@ def _profiled_layout_ops(path: str, transposes: bool) -> list[tuple]:
             continue
         out.append((op, side, elem, tuple(int(d) for d in dims_in), tuple(int(d) for d in dims_out)))
     return out
+
+
+def _interleave(sessions: Sequence[Any], feeds: Sequence[dict], names: Sequence[list[str]], *, target_ms: float,
+                min_runs: int, max_runs: int) -> list[list[float]]:
+    """Run counts from a short probe (each unit runs about target_ms in all), then 3 rounds in which
+    every unit still owed a run runs once per iteration, the start rotating."""
+    clock = time.perf_counter
+    n = len(sessions)
+    probe = []
+    for k in range(n):  # warm-up and a first time per unit
+        sessions[k].run(names[k], feeds[k])
+        t0 = clock()
+        sessions[k].run(names[k], feeds[k])
+        probe.append(max((clock() - t0) * 1e3, 1e-3))
+    want = [min(max(min_runs, math.ceil(target_ms / p)), max_runs) for p in probe]
+    samples: list[list[float]] = [[] for _ in range(n)]
+    rounds = 3
+    for r in range(rounds):
+        quota = [math.ceil(w * (r + 1) / rounds) for w in want]
+        it = 0
+        while True:
+            owed = [k for k in range(n) if len(samples[k]) < quota[k]]
+            if not owed:
+                break
+            for j in range(len(owed)):
+                k = owed[(it + j) % len(owed)]
+                t0 = clock()
+                sessions[k].run(names[k], feeds[k])
+                samples[k].append((clock() - t0) * 1e3)
+            it += 1
+    return samples

@@ -4,7 +4,7 @@ A unit holds the nodes, its runtime inputs (shapes, element types, optionally re
 constants (real TensorProtos, or shapes for random values: a layer's time depends on shapes, not on
 weight values) and its outputs; `signature()` hashes what a timing depends on, so a timing is
 cached across layers and models. `split_units` cuts a whole model the way onnxruntime fuses it (a
-weighted op takes the elementwise ops after it along); `cut_unit` cuts any chain. Reads models,
+weighted op takes the elementwise ops after it along); `UnitCutter(model).cut(chain, values)` cuts any chain. Reads models,
 never edits them.
 """
 
@@ -146,8 +146,9 @@ def _itemsize(elem_type: int) -> int:
         return 4
 
 
-class _Cutter:
-    """What cutting units out of one model needs, computed once: producers, consumers, the tensors
+class UnitCutter:
+    """Cuts units out of one model (`cut(chain, values)`); what that needs is computed once, so
+    cutting many units of one model reuses it: producers, consumers, the tensors
     that are constant (initializers and outputs of constant subgraphs), opsets, local functions."""
 
     def __init__(self, model: onnx.ModelProto):
@@ -173,7 +174,7 @@ class _Cutter:
         self.opsets = {(o.domain or ""): o.version for o in model.opset_import}
         self.local = {(f.domain, f.name): f for f in model.functions}
 
-    def cut(self, chain: Sequence[onnx.NodeProto], values: dict[str, np.ndarray], macs: dict[str, int]) -> Unit:
+    def cut(self, chain: Sequence[onnx.NodeProto], values: dict[str, np.ndarray], macs: dict[str, int] | None = None) -> Unit:
         from onnxcomp.graph import node_label
 
         produced = {o for c in chain for o in c.output if o}
@@ -228,15 +229,8 @@ class _Cutter:
             dims, et = (tuple(c.dims), c.data_type) if isinstance(c, onnx.TensorProto) else c
             nbytes += math.prod(dims) * _itemsize(et)
         return Unit(node_label(chain[0]), pre + list(chain), inputs, consts, outs, dict(self.opsets), funcs,
-                    macs=int(sum(macs.get(node_label(c), 0) or 0 for c in chain)), bytes=int(nbytes),
+                    macs=int(sum((macs or {}).get(node_label(c), 0) or 0 for c in chain)), bytes=int(nbytes),
                     feeds=feeds, problem=problem)
-
-
-def cut_unit(model: onnx.ModelProto, chain: Sequence[onnx.NodeProto], values: dict[str, np.ndarray],
-             macs: dict[str, int] | None = None) -> Unit:
-    """One unit of `model`: the nodes of `chain` (in order) with the constant subgraphs they read;
-    inputs and their values from `values` (one real run's tensors)."""
-    return _Cutter(model).cut(chain, values, macs or {})
 
 
 def split_units(model: onnx.ModelProto, values: dict[str, np.ndarray], macs: dict[str, int] | None = None) -> list[Unit]:
@@ -244,7 +238,7 @@ def split_units(model: onnx.ModelProto, values: dict[str, np.ndarray], macs: dic
     onnxruntime fuses into it, every other op alone; constant subgraphs go with the units that read
     them. `values` holds the runtime tensors of one real run (unit inputs take their values and
     shapes from it); a tensor missing from it makes its unit unbuildable, with the reason."""
-    cutter = _Cutter(model)
+    cutter = UnitCutter(model)
     done: set[int] = set()
     units: list[Unit] = []
     for n in model.graph.node:

@@ -175,7 +175,7 @@ def _slower_in_int8(work: onnx.ModelProto, out: onnx.ModelProto, names: list[str
     whose int8 kernel alone is no faster can never pay; the rest is the guard's whole-model latency
     check, which drops the step when the conversions the remaining layers need outweigh it."""
     from onnxcomp.graph import GraphIndex
-    from onnxcomp.units import cut_unit
+    from onnxcomp.units import UnitCutter
 
     fnodes = {n.name: n for n in work.graph.node}
     qindex = GraphIndex(out)
@@ -194,9 +194,10 @@ def _slower_in_int8(work: onnx.ModelProto, out: onnx.ModelProto, names: list[str
     slower: dict[str, dict] = {}
     timed: dict[str, dict] = {}
     untimed: dict[str, str] = {}
+    float_cutter, int8_cutter = UnitCutter(work), UnitCutter(out)
     for name, (chain, _) in cores.items():
-        f_unit = cut_unit(work, [fnodes[name]], values)
-        q_unit = cut_unit(out, chain, values)
+        f_unit = float_cutter.cut([fnodes[name]], values)
+        q_unit = int8_cutter.cut(chain, values)
         if f_unit.problem or q_unit.problem:
             untimed[name] = f_unit.problem or q_unit.problem or ""
             continue
