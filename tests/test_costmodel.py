@@ -119,12 +119,15 @@ def test_custom_op_without_body_is_named_in_the_unit():
 
 def test_profile_predicts_the_whole_model(cache_dir):
     model = tiny_cnn()
-    prof = profile(model, _feeds(model), CostModel(target_ms=20))
+    # One thread: at 2 threads a lone microsecond-sized op pays a thread-pool wake-up on most runs
+    # (bimodal, 5-20 us in a VM) that consecutive layers inside a model mostly do not, so this
+    # model's layers alone summed to 5x its measured time on one CI machine. This test pins the
+    # accounting (the run's fixed cost once, every layer net of it); the accuracy at 2 threads on
+    # real models is benchmarks/latency.py's.
+    prof = profile(model, _feeds(model), CostModel(Settings(threads=1), target_ms=20))
     assert prof.measured.ms > 0 and prof.predicted_ms > 0
     assert len(prof.layers) == 5 and prof.units_measured >= 5
-    # a tiny model is dominated by per-op overheads: only a loose sanity bound here; the 15% figures
-    # on real models are benchmarks/latency.py's
-    assert 0.2 < prof.predicted_ms / prof.measured.ms < 5
+    assert 0.5 < prof.predicted_ms / prof.measured.ms < 2
     d = prof.as_dict()
     assert {"predicted_ms", "measured", "error", "layers", "machine"} <= set(d)
 
