@@ -30,10 +30,23 @@ from onnxcomp.graph import GraphIndex, attr, node_label
 from onnxcomp.shapes import check_input_shapes, static_shapes
 from onnxcomp.sizes import serialized_bytes
 
+CODEBOOK_INDICES = "onnxcomp codebook indices: "  # doc_string prefix of a packed index tensor, then "<n> x <b> bits"
+
+
+def tensor_elements(t: onnx.TensorProto) -> int:
+    """Elements a tensor stands for: a packed codebook index tensor counts its indices, not bytes."""
+    if t.doc_string.startswith(CODEBOOK_INDICES):
+        try:
+            return int(t.doc_string[len(CODEBOOK_INDICES):].split()[0])
+        except (ValueError, IndexError):
+            pass
+    return math.prod(t.dims)
+
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Elements of every initializer (constants held in Constant nodes are counted too)."""
-    total = sum(math.prod(t.dims) for t in model.graph.initializer)
+    """Elements of every initializer (constants held in Constant nodes are counted too); packed
+    codebook indices count one per weight."""
+    total = sum(tensor_elements(t) for t in model.graph.initializer)
     for node in model.graph.node:
         if node.op_type == "Constant":
             value = attr(node, "value")
@@ -51,6 +64,8 @@ def dtype_bits(data_type: int) -> int:
     four = {getattr(onnx.TensorProto, n, -1) for n in ("INT4", "UINT4", "FLOAT4E2M1")}
     if data_type in four:
         return 4
+    if data_type in {getattr(onnx.TensorProto, n, -1) for n in ("INT2", "UINT2")}:
+        return 2
     if data_type == onnx.TensorProto.BOOL:
         return 8
     if data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
@@ -194,7 +209,7 @@ class CostContext:
                     bits += tensor_bits(value)
                 continue
             t = self.index.initializers[key]
-            elems += math.prod(t.dims)
+            elems += tensor_elements(t)
             bits += tensor_bits(t)
         return elems, bits
 
@@ -529,6 +544,60 @@ def summary(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
 
 
 @dataclass
+class CodebookLayer:
+    """One codebook-weight layer as stored: index bits and storage, bytes, and the entropy bound."""
+
+    node: str
+    bits: int
+    storage: str  # uint4 | uint2 | packed | uint8
+    indices: int
+    index_bytes: int
+    codebook_bytes: int
+    entropy_bits: float  # per index: the bound a lossless coder reaches
+
+    @property
+    def entropy_bytes(self) -> int:
+        return int(math.ceil(self.entropy_bits * self.indices / 8)) + self.codebook_bytes
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "entropy_bytes": self.entropy_bytes}
+
+
+def codebook_layers(model: onnx.ModelProto) -> list[CodebookLayer]:
+    """Every codebook index tensor of `model` (marked by onnxcomp's doc_string), decoded to count
+    its entropy; the layer is the name before `/codebook_indices`."""
+    from onnx import numpy_helper
+
+    from onnxcomp.linalg import bitpack
+
+    inits = {t.name: t for t in model.graph.initializer}
+    out = []
+    for t in model.graph.initializer:
+        if not t.doc_string.startswith(CODEBOOK_INDICES):
+            continue
+        try:
+            n_text, _x, bits_text, *_ = t.doc_string[len(CODEBOOK_INDICES):].split()
+            n, bits = int(n_text), int(bits_text)
+        except ValueError:
+            continue
+        raw = np.frombuffer(t.raw_data, dtype=np.uint8)
+        if t.data_type in (onnx.TensorProto.UINT4, onnx.TensorProto.UINT2):
+            per = 8 // bits
+            labels = ((raw[:, None] >> (np.arange(per, dtype=np.uint8) * bits)) & ((1 << bits) - 1)).ravel()[:n]
+            storage = f"uint{bits}"
+        elif raw.size == n:
+            labels, storage = raw, "uint8"
+        else:
+            labels, storage = bitpack.unpack(raw, bits, n), "packed"
+        layer = t.name.split("/codebook_indices")[0]
+        book = inits.get(f"{layer}/codebook")
+        book_bytes = int(numpy_helper.to_array(book).nbytes) if book is not None else 0
+        out.append(CodebookLayer(layer, bits, storage, n, len(t.raw_data), book_bytes,
+                                 bitpack.entropy_bits(labels, 1 << bits)))
+    return out
+
+
+@dataclass
 class Inspection:
     """Everything `onnxcomp inspect` shows: layers, totals and sizes."""
 
@@ -542,10 +611,12 @@ class Inspection:
     op_counts: dict[str, int] = field(default_factory=dict)
     file_bytes: int | None = None
     lzma_bytes: int | None = None
+    codebooks: list[CodebookLayer] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         total = self.macs or 0
         return {
+            "codebooks": [c.as_dict() for c in self.codebooks],
             "params": self.params,
             "param_bits": self.param_bits,
             "macs": self.macs,
@@ -583,4 +654,5 @@ def inspect(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = 
         op_counts=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
         file_bytes=sizes.file_bytes(path) if path else None,
         lzma_bytes=(sizes.lzma_bytes(path) if path else sizes.lzma_bytes(model)) if lzma else None,
+        codebooks=codebook_layers(model),
     )

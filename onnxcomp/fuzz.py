@@ -228,6 +228,9 @@ PIPELINES: list[tuple[str, bool, tuple[str, ...], bool]] = [
     ("tucker{rank=0.5,round=2,refit=sequential}", True, ("--no-guard", "--validate"), False),
     ("tucker{budget=macs:0.7,round=2}", True, (), False),
     ("default", True, (), False),
+    # codebooks: the reported error recomputed; with data, mixed bits measured and composed with tucker
+    ("codebook{bits=3,granularity=channel,min_params=16}", True, ("--no-guard", "--validate"), False),
+    ("tucker{rank=0.5,round=2,objective=macs},codebook{min_params=16,samples=8}", True, (), False),
 ]
 
 

@@ -253,6 +253,14 @@ class GraphEditor:
         self._new_init.append(numpy_helper.from_array(np.ascontiguousarray(array), final))
         return final
 
+    def add_tensor(self, tensor: onnx.TensorProto) -> str:
+        """Add a ready-made constant (typed sub-byte data, raw bytes); its name is made unique."""
+        t = onnx.TensorProto()
+        t.CopyFrom(tensor)
+        t.name = self.unique_name(tensor.name)
+        self._new_init.append(t)
+        return t.name
+
     def replace(self, node: onnx.NodeProto, new_nodes: Sequence[onnx.NodeProto]) -> None:
         """Replace `node` (by identity) with `new_nodes`; they must produce the node's outputs."""
         self._replace[self._position(node)] = _Replacement(list(new_nodes), [])

@@ -41,8 +41,11 @@ DRIVER = textwrap.dedent('''
 def _start(tmp_path, *argv):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
+    # SIGINT back to its default in the child: a suite started in the background (`pytest &` from a
+    # script) runs with SIGINT ignored, which children inherit, and the interrupt would never arrive
     return subprocess.Popen([sys.executable, str(script), *map(str, argv)], stderr=subprocess.PIPE, text=True,
-                            cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -89,5 +89,15 @@ def render(result: Inspection) -> str:
     if result.lzma_bytes is not None:
         ratio = (result.file_bytes / result.lzma_bytes) if result.file_bytes else None
         totals.append(["bytes after xz", f"{result.lzma_bytes:,}" + (f" ({ratio:.2f}x smaller)" if ratio else "")])
+    if result.codebooks:
+        stored = sum(c.index_bytes + c.codebook_bytes for c in result.codebooks)
+        bound = sum(c.entropy_bytes for c in result.codebooks)
+        totals.append(["codebook weights", f"{len(result.codebooks)} layers, {stored:,} bytes stored, "
+                                           f"{bound:,} at the entropy bound of their indices"])
     lines.append(table(totals, ["total", "value"]) + incomplete)
+    if result.codebooks:
+        rows = [[c.node, c.bits, c.storage, c.indices, c.index_bytes, c.codebook_bytes, f"{c.entropy_bits:.3f}",
+                 c.entropy_bytes] for c in result.codebooks]
+        lines += ["", table(rows, ["codebook layer", "bits", "storage", "indices", "index bytes", "codebook bytes",
+                                   "entropy bits/index", "entropy bound bytes"])]
     return "\n".join(lines)

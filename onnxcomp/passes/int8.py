@@ -82,7 +82,12 @@ class Int8Pass(Pass):
         for node in self.candidates(work):
             reason = self.selection_reason(node)
             if reason is None and not any(index.is_constant(i) for i in node.input[:2]):
-                reason = "no constant weight operand"
+                producer = index.producer.get(node.input[1]) if len(node.input) > 1 else None
+                if producer is not None and "/codebook_" in producer.name:
+                    reason = ("weight is decoded from a codebook: int8 would re-quantize the decoded weights "
+                              "and store them again (use codebook or int8 on a layer, not both)")
+                else:
+                    reason = "no constant weight operand"
             (excluded if reason else selected).append(node.name)
             if reason:
                 layers.append(LayerRecord(node_label(node), node.op_type, SKIPPED, reason, output=node.output[0]))

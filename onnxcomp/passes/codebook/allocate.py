@@ -1,0 +1,85 @@
+"""What the codebook pass measures on data: input second moments (the Hessian diagonal) per layer,
+and the bits each layer gets under a whole-model average (`avg_bits`).
+
+Sensitivity weighting (GPTQ / OBQ's diagonal): for a layer y = W x, the output error of a weight
+perturbation dW is E||dW x||^2 = sum_o dW_o H dW_o^T with H = E[x x^T]; keeping only H's diagonal,
+each weight's squared error counts h_j = E[x_j^2] of the input channel it multiplies. Weighted
+k-means on (w, h) minimises exactly that proxy, where plain k-means treats a weight on a dead
+channel like one on the busiest.
+
+Mixed bits: each layer l offers its relative weighted error e_l(b) at every b in [min_bits,
+max_bits] (from one clustering per b on the layer's summary, onnxcomp.linalg.kmeans). With data,
+one probe per layer measures the whole model's relative squared output error with only that layer
+at `probe` bits (onnxcomp.sensitivity.OutputErrorProbe), which gives the layer's gain
+g_l = model error / e_l(probe); without data g_l = 1 (the weight-error proxy, said in the report).
+Starting with every layer at max_bits, a greedy loop takes one bit off the layer whose predicted
+model error g_l e_l(b) grows least per index byte saved, until the average index bits per weight
+(weighted by weight count) reaches the target.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx
+
+
+def input_second_moments(model: onnx.ModelProto, names: Sequence[tuple[str, int]], source, max_samples: int,
+                         ) -> dict[str, np.ndarray]:
+    """E[x^2] per channel of each (tensor, channel axis) in `names`, over up to `max_samples`
+    samples of `source` (a channel axis of -1 is the last)."""
+    from onnxcomp.runtime import run_batches
+
+    wanted = list(dict.fromkeys(n for n, _ in names))
+    axes = dict(names)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    taken = 0
+    for feeds, values, _labels in run_batches(model, source, outputs=wanted, max_bytes=256 * 2**20):
+        for name in wanted:
+            x = np.asarray(values[name], dtype=np.float64)
+            ax = axes[name] % x.ndim
+            moved = np.moveaxis(x, ax, -1).reshape(-1, x.shape[ax])
+            sums[name] = sums.get(name, 0.0) + np.einsum("ij,ij->j", moved, moved)
+            counts[name] = counts.get(name, 0) + moved.shape[0]
+        taken += int(next(iter(feeds.values())).shape[0]) if feeds else 0
+        if taken >= max_samples:
+            break
+    return {n: sums[n] / max(counts[n], 1) for n in sums}
+
+
+def allocate_bits(errors: Sequence[dict[int, float]], sizes: Sequence[int], gains: Sequence[float], avg_bits: float,
+                  ) -> tuple[list[int], float]:
+    """Bits per layer whose weight-count-weighted average is <= avg_bits, taking bits off where the
+    predicted model error gain * e(b) grows least per index byte saved. Returns (bits, achieved
+    average). `errors[l]` maps each allowed bit width to layer l's relative error."""
+    bits = [max(e) for e in errors]
+    total = float(sum(sizes))
+    used = float(sum(b * n for b, n in zip(bits, sizes, strict=True)))
+    heap: list[tuple[float, int]] = []
+
+    def push(layer: int) -> None:
+        b = bits[layer]
+        if b - 1 in errors[layer]:
+            cost = gains[layer] * (errors[layer][b - 1] - errors[layer][b])
+            heapq.heappush(heap, (max(cost, 0.0) / sizes[layer], layer))
+
+    for layer in range(len(bits)):
+        push(layer)
+    while heap and used > avg_bits * total + 1e-9:
+        _, layer = heapq.heappop(heap)
+        bits[layer] -= 1
+        used -= sizes[layer]
+        push(layer)
+    return bits, used / total if total else 0.0
+
+
+def measured_gains(probe_error: Callable[[int], float], layer_errors: Sequence[float]) -> list[float]:
+    """g_l = model error with only layer l at the probe bits / that layer's relative error there."""
+    gains = []
+    for layer, e in enumerate(layer_errors):
+        m = probe_error(layer)
+        gains.append(m / e if e > 0 and np.isfinite(m) else (0.0 if m == 0 else 1e12))
+    return gains
