@@ -2,8 +2,9 @@
 trained and rapidocr models.
 
 Part `zoo`: per model and bits (per-tensor codebooks, 8/6/4/3/2), a child process runs the pass,
-writes the model, and reports the seconds of each, its peak resident memory up to then (getrusage),
-file bytes, lzma (xz -6) bytes and ratios against the fp32 file; then onnxruntime latency of the
+writes the model, and reports the seconds of each, its peak resident memory up to then (VmHWM),
+file bytes, lzma (xz -6) bytes and ratios against the fp32 file (children run before the parent
+loads anything big); then onnxruntime latency of the
 result against the original, interleaved in one process (p50 of many runs, ratio).
 
 Part `accuracy`: per trained / rapidocr model (normalized; calibration and test data apart, the
@@ -36,6 +37,19 @@ ACC_CONFIGS += [(f"{b} bits, data-aware", f"bits={b},weighting=hessian") for b i
 ACC_CONFIGS += [(f"avg {b} bits, mixed", f"avg_bits={b}") for b in (4, 3)]
 
 
+def _peak_rss() -> int:
+    """This process's peak resident bytes since exec: VmHWM (getrusage's ru_maxrss survives exec, so
+    a child started by a big parent would report the parent's peak)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(model_path: str, bits: int, out_path: str) -> dict:
     """Compress `model_path` at `bits`, write it; figures measured in this (fresh) process."""
     from onnxcomp.model import load_model, save_model
@@ -48,7 +62,7 @@ def child(model_path: str, bits: int, out_path: str) -> dict:
     clustered = time.perf_counter()
     save_model(result.model, out_path)
     written = time.perf_counter()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
     layers = [r for r in result.layers if r.action == "rewritten"]
     return {"load_s": loaded - t0, "cluster_s": clustered - loaded, "write_s": written - clustered,
             "total_s": written - t0, "peak_bytes": peak, "layers": len(layers),

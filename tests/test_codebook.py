@@ -301,3 +301,13 @@ def test_inspect_reports_codebook_storage_and_entropy():
         # int64 constants, which on this tiny model are a third of what is left)
         assert count_params(result.model) >= count_params(model)
         assert param_bits(result.model) < param_bits(model) / 2
+
+
+def test_allocation_keeps_a_small_fragile_layer_in_float():
+    from onnxcomp.passes.codebook.allocate import FLOAT_BITS, allocate_bits
+
+    errors = [{**{b: 2.0**-b for b in range(2, 9)}, FLOAT_BITS: 0.0} for _ in range(2)]
+    bits, avg = allocate_bits(errors, [100, 10000], [1000.0, 1.0], 4.0)
+    assert bits == [FLOAT_BITS, 3] and avg <= 4.0  # the fragile 100 weights cost 32 bits each, the rest pays
+    no_float = [{b: 2.0**-b for b in range(2, 9)} for _ in range(2)]
+    assert allocate_bits(no_float, [100, 10000], [1000.0, 1.0], 4.0)[0][0] == 8

@@ -29,6 +29,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lzma", action="store_true", help="also report the xz-compressed size (slow on big models)")
     p.add_argument("--lzma-preset", type=int, default=None, choices=range(10), metavar="0-9",
                    help="xz preset for --lzma (default 6; 0 is several times faster)")
+    p.add_argument("--energy", action="store_true",
+                   help="also estimate energy per layer on a row-stationary accelerator (Eyeriss costs; see onnxcomp.energy)")
+    p.add_argument("--energy-costs", metavar="FILE.json", default=None,
+                   help="cost table for --energy (keys dram, buffer, array, rf, mac, word_bits, filters_per_pass, "
+                        "channels_per_pass)")
+    p.add_argument("--baseline", metavar="ORIGINAL.onnx", default=None,
+                   help="with --energy: the uncompressed model, printed side by side")
     p.add_argument("--json", action="store_true", help="print the inspection as JSON")
     p.set_defaults(func=run)
 
@@ -46,11 +53,58 @@ def run(args: argparse.Namespace) -> int:
         print("compressing with xz ...", file=sys.stderr)
         preset = args.lzma_preset if args.lzma_preset is not None else sizes.LZMA_PRESET
         result.lzma_bytes = sizes.lzma_bytes(args.model, preset=preset)
+    energy = None
+    if args.energy or args.energy_costs or args.baseline:
+        energy = _energy(args, model, shapes)
     if args.json:
-        print_json(result.as_dict())
+        print_json({**result.as_dict(), **({"energy": energy} if energy else {})})
         return 0
     print(render(result))
+    if energy:
+        print("\n" + render_energy(energy))
     return 0
+
+
+def _energy(args: argparse.Namespace, model, shapes) -> dict:
+    from onnxcomp.energy import load_costs, model_energy
+    from onnxcomp.model import load_model
+
+    costs = load_costs(args.energy_costs)
+    layers, missing = model_energy(model, shapes, costs)
+    out = {"costs": costs, "layers": [e.as_dict() for e in layers], "missing": missing,
+           "total": sum(e.total for e in layers)}
+    if args.baseline:
+        base, base_missing = model_energy(load_model(args.baseline), shapes, costs)
+        out["baseline"] = {"layers": [e.as_dict() for e in base], "missing": base_missing,
+                           "total": sum(e.total for e in base)}
+    return out
+
+
+def render_energy(energy: dict) -> str:
+    """Energy per layer (share of the total, by memory level), the baseline beside it when given."""
+    total = energy["total"] or 1.0
+    base = {e["node"]: e for e in energy.get("baseline", {}).get("layers", [])}
+    rows = []
+    for e in energy["layers"]:
+        parts = e["energy"]
+        row = [e["node"], e["macs"], f"{e['total']:.4g}", f"{100 * e['total'] / total:.1f}%"]
+        row += [f"{100 * parts[k] / e['total']:.0f}%" if e["total"] else "-" for k in ("dram", "buffer", "array", "rf", "mac")]
+        if base:
+            b = base.get(e["node"])
+            row.append(f"{b['total'] / e['total']:.2f}x" if b and e["total"] else "-")
+        rows.append(row)
+    head = ["node", "MACs", "energy", "share", "DRAM", "buffer", "array", "RF", "MAC"] + (["saved"] if base else [])
+    lines = [table(rows, head), ""]
+    c = energy["costs"]
+    lines.append(f"energy (units of one RF access; DRAM {c['dram']:g}, buffer {c['buffer']:g}, array {c['array']:g}, "
+                 f"RF {c['rf']:g}, MAC {c['mac']:g}; row stationary, {c['word_bits']:g}-bit words): {energy['total']:.4g}")
+    if "baseline" in energy:
+        b = energy["baseline"]["total"]
+        lines.append(f"baseline: {b:.4g}; compressed uses {energy['total'] / b:.3f} of it ({b / total:.2f}x less)"
+                     if b else "baseline: no modelled layers")
+    if energy["missing"]:
+        lines.append(f"not modelled: {len(energy['missing'])} layer(s), e.g. {energy['missing'][0]}")
+    return "\n".join(lines)
 
 
 def render(result: Inspection) -> str:

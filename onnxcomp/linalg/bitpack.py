@@ -17,23 +17,39 @@ def packed_size(n: int, bits: int) -> int:
     return -(-n // 8) * bits
 
 
+_CHUNK = 1 << 23  # values per chunk (a multiple of 8): temporaries stay at a few chunk sizes
+
+
 def pack(values: np.ndarray, bits: int) -> np.ndarray:
     """uint8 bytes holding `values` (each < 2**bits, 1 <= bits <= 8) densely, 8 per `bits` bytes."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
-    v = np.asarray(values).ravel().astype(np.uint64)
+    v = np.asarray(values).ravel()
     if v.size and int(v.max()) >= 1 << bits:
         raise ValueError(f"a value does not fit in {bits} bits")
-    groups = -(-v.size // 8)
-    padded = np.zeros(groups * 8, dtype=np.uint64)
-    padded[: v.size] = v
-    words = np.zeros(groups, dtype=np.uint64)
-    for t in range(8):
-        words |= padded[t::8] << np.uint64(t * bits)
-    out = np.empty((groups, bits), dtype=np.uint8)
-    for byte in range(bits):
-        out[:, byte] = ((words >> np.uint64(8 * byte)) & np.uint64(0xFF)).astype(np.uint8)
-    return out.ravel()
+    if bits in (1, 2, 4):  # 8 / bits values per byte, low bits first: the same layout, in uint8 arithmetic
+        return _pad_bytes(sub_byte(v, bits), packed_size(v.size, bits))
+    out = np.empty(packed_size(v.size, bits), dtype=np.uint8)
+    for a in range(0, v.size, _CHUNK):
+        part = v[a : a + _CHUNK].astype(np.uint64)
+        groups = -(-part.size // 8)
+        padded = np.zeros(groups * 8, dtype=np.uint64)
+        padded[: part.size] = part
+        words = np.zeros(groups, dtype=np.uint64)
+        for t in range(8):
+            words |= padded[t::8] << np.uint64(t * bits)
+        block = np.empty((groups, bits), dtype=np.uint8)
+        for byte in range(bits):
+            block[:, byte] = ((words >> np.uint64(8 * byte)) & np.uint64(0xFF)).astype(np.uint8)
+        start = a // 8 * bits
+        out[start : start + block.size] = block.ravel()
+    return out
+
+
+def _pad_bytes(data: bytes, size: int) -> np.ndarray:
+    out = np.zeros(size, dtype=np.uint8)
+    out[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+    return out
 
 
 def unpack(data: np.ndarray, bits: int, n: int) -> np.ndarray:
@@ -62,6 +78,11 @@ def sub_byte(values: np.ndarray, bits: int) -> bytes:
 
 def entropy_bits(labels: np.ndarray, k: int) -> float:
     """Shannon entropy of the label histogram, bits per label: the bound a lossless coder can reach."""
-    counts = np.bincount(np.asarray(labels).ravel(), minlength=k).astype(np.float64)
+    return entropy_of_counts(np.bincount(np.asarray(labels).ravel(), minlength=k))
+
+
+def entropy_of_counts(counts: np.ndarray) -> float:
+    """Shannon entropy, bits per symbol, of a histogram of symbol counts."""
+    counts = np.asarray(counts, dtype=np.float64).ravel()
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log2(p)).sum()) if p.size > 1 else 0.0

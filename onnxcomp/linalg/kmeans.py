@@ -307,14 +307,22 @@ def _lloyd_batch(summaries: list[_Summary], cent: np.ndarray, steps: int) -> np.
     return cent
 
 
-def _labels(v: np.ndarray, cent: np.ndarray) -> np.ndarray:
-    """Index of the nearest sorted centroid for every value (uint8 when k <= 256), chunked."""
-    # compared in float64: the midpoint of two neighbouring float32 values may round onto one of them
+def _labels(v: np.ndarray, cent: np.ndarray, exact: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(index of the nearest sorted centroid for every value, uint8 when k <= 256; count per
+    centroid), chunked. `exact`: compared in float64, since the float32 midpoint of two neighbouring
+    float32 values may round onto one of them (a codebook of the distinct values must reproduce
+    them); otherwise in the values' own dtype (a sub-ulp tie going either way changes nothing)."""
     mids = 0.5 * (cent[1:] + cent[:-1])
+    if not exact:
+        mids = mids.astype(v.dtype)
     out = np.empty(v.shape, dtype=np.uint8 if cent.size <= 256 else np.int32)
+    counts = np.zeros(cent.size, dtype=np.int64)
     for a in range(0, v.size, _CHUNK):
-        out[a : a + _CHUNK] = np.searchsorted(mids, v[a : a + _CHUNK].astype(np.float64))
-    return out
+        part = v[a : a + _CHUNK]
+        lab = np.searchsorted(mids, part.astype(np.float64) if exact else part)
+        counts += np.bincount(lab, minlength=cent.size)
+        out[a : a + _CHUNK] = lab
+    return out, counts
 
 
 @dataclass
@@ -419,10 +427,18 @@ def fit_centroids(summaries: list[_Summary], k: int, *, init: str = "optimal", p
     return Fit(cent, sse, k_used, capped, method)
 
 
-def assign(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+def assign(values: np.ndarray, centroids: np.ndarray, *, exact: bool = True) -> np.ndarray:
     """Labels (G, n) of the nearest of each group's sorted centroids (G, k); uint8 for k <= 256."""
+    return assign_counted(values, centroids, exact=exact)[0]
+
+
+def assign_counted(values: np.ndarray, centroids: np.ndarray, *, exact: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (G, n), how many values each centroid got (G, k)). `exact=False` compares float32
+    values in float32 (faster on big binned tensors; a value within an ulp of a midpoint may go to
+    either side)."""
     x = _as_groups(values)
-    return np.stack([_labels(x[g], centroids[g]) for g in range(x.shape[0])])
+    parts = [_labels(x[g], centroids[g], exact) for g in range(x.shape[0])]
+    return np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
 
 
 def _as_groups(values: np.ndarray) -> np.ndarray:

@@ -53,8 +53,8 @@ _OPS = ("Conv", "Gemm", "MatMul")
 class CodebookConfig(PassConfig):
     bits: int = option(0, "index bits for every layer, K = 2^bits (1..8); 0: per-layer bits meeting avg_bits")
     k: int = option(0, "centroids per codebook for every layer (2..256; overrides bits)")
-    avg_bits: float = option(4.0, "with bits=0 and k=0: average index bits per weight over the rewritten layers, "
-                             "spent where the measured sensitivity per byte saved is lowest")
+    avg_bits: float = option(4.0, "with bits=0 and k=0: average bits per weight over the selected layers (a layer "
+                             "kept float counts 32), spent where the measured sensitivity per byte saved is lowest")
     min_bits: int = option(2, "fewest bits a layer may get under avg_bits")
     max_bits: int = option(8, "most bits a layer may get under avg_bits")
     granularity: str = option("tensor", "one codebook per tensor | channel (output channel) | group:<n> output channels")
@@ -70,6 +70,7 @@ class CodebookConfig(PassConfig):
     min_params: int = option(1024, "skip weights with fewer values (the codebook would cost more than it saves)")
     samples: int = option(32, "calibration samples for the second moments and the sensitivity probes")
     probe_bits: int = option(3, "bits of the per-layer sensitivity probe under avg_bits with --data")
+    keep_float: bool = option(True, "avg_bits may leave the most sensitive layers in float (counted at 32 bits)")
 
     def validate(self) -> None:
         super().validate()
@@ -110,18 +111,20 @@ def parse_granularity(text: str) -> int:
 
 @dataclass
 class _Plan:
+    """One layer to rewrite. The weight is not held (a 100M-value layer would stay in memory for the
+    whole pass): `weight()` reads it again, and the grouped arrays live only while a step needs them."""
+
     node: onnx.NodeProto
-    weight: np.ndarray
+    index: GraphIndex
+    shape: tuple[int, ...]
     layout: decode.Layout
     in_name: str  # the layer's input tensor (for second moments)
     in_axis: int  # its channel axis
     sens_axis: int  # the weight axis the input channel runs along
     groups_per_in: int  # conv groups (input channel of weight (o, s) is (o // (T/g)) * S/g + s)
-    sens: np.ndarray | None = None  # per-weight sensitivity (same shape as weight), None: unweighted
-    values: np.ndarray | None = None  # (G, L) grouped values or (R, d) rows
-    weights: np.ndarray | None = None  # matching sensitivity weights
+    moments: np.ndarray | None = None  # E[x^2] per input channel (data-aware), None: unweighted
     summaries: list | None = None
-    bits: int = 0
+    bits: float = 0
     k: int = 0
     gain: float | None = None
     figures: dict = field(default_factory=dict)
@@ -129,6 +132,51 @@ class _Plan:
     @property
     def name(self) -> str:
         return node_label(self.node)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def weight(self) -> np.ndarray:
+        return self.index.array(self.node.input[1])
+
+    def sensitivity(self) -> np.ndarray | None:
+        """Per-weight weights for the clustering (weight-shaped float32), from the input moments."""
+        h = self.moments
+        if h is None:
+            return None
+        shape = self.shape
+        if self.node.op_type == "Conv":
+            T, s_per = shape[0], shape[1]
+            chan = (np.arange(T) // max(T // self.groups_per_in, 1))[:, None] * s_per + np.arange(s_per)[None, :]
+            if chan.max() >= h.size:
+                return None  # a shape the moments do not cover: unweighted
+            sens = h[chan].reshape(T, s_per, *([1] * (len(shape) - 2)))
+        else:
+            if h.size != shape[self.sens_axis]:
+                return None
+            dims = [1] * len(shape)
+            dims[self.sens_axis] = h.size
+            sens = h.reshape(dims)
+        # a small floor: a weight on a dead channel still has to land somewhere sensible
+        return np.broadcast_to((sens + 1e-6 * max(float(h.mean()), 1e-30)).astype(np.float32), shape)
+
+    def grouped(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(values, weights) in the clustering layout: (G, L) groups (padded, pad weight 0) or (R, d)
+        kernel rows with one weight per row."""
+        w, sens = self.weight(), self.sensitivity()
+        lay = self.layout
+        if lay.rows:
+            return w.reshape(-1, w.shape[-1]), None if sens is None else sens.reshape(-1, w.shape[-1]).mean(axis=1)
+        if lay.per_group == 0:
+            return w.reshape(1, -1), None if sens is None else np.ascontiguousarray(sens).reshape(1, -1)
+        moved = np.moveaxis(w, lay.axis, 0).reshape(w.shape[lay.axis], -1)
+        G = -(-moved.shape[0] // lay.per_group)
+        values = np.concatenate([moved.ravel(), np.full(lay.pad, moved.ravel()[-1], dtype=w.dtype)]).reshape(G, -1)
+        if sens is None and not lay.pad:
+            return values, None
+        s = np.ones(moved.shape, np.float32) if sens is None else np.moveaxis(sens, lay.axis, 0).reshape(moved.shape)
+        return values, np.concatenate([s.ravel(), np.zeros(lay.pad, dtype=np.float32)]).reshape(G, -1)
 
 
 class CodebookPass(Pass):
@@ -170,20 +218,30 @@ class CodebookPass(Pass):
         out_model = model
         if cfg.storage == "native":
             need = max((decode.NATIVE_OPSET[decode.index_bits(p.k)] for p in plans
-                        if decode.index_bits(p.k) in decode.NATIVE_OPSET), default=0)
+                        if p.k and decode.index_bits(p.k) in decode.NATIVE_OPSET), default=0)
             if need > opset:
-                out_model, note = _converted(model, need)
+                converted, note = _converted(model, need)
+                by_name = {node_label(n): n for n in converted.graph.node}
+                if converted is not model and all(p.name in by_name for p in plans):
+                    out_model, opset = converted, opset_version(converted)
+                    for p in plans:  # the weights are the same tensors; the nodes are the converted ones
+                        p.node = by_name[p.name]
+                elif converted is not model:
+                    note = f"opset {opset} kept: the converter renamed layers"
                 figures["opset"] = note
-                opset = opset_version(out_model)
-                index = GraphIndex(out_model)
-                by_name = {node_label(n): n for n in out_model.graph.node}
-                for p in plans:
-                    p.node = by_name[p.name]
         ed = GraphEditor(out_model)
-        for p in ctx.progress.iter(plans, "codebook"):
+        for p in plans:
+            if p.k == 0:  # avg_bits left it in float
+                p.bits = allocate.FLOAT_BITS
+                layers.append(LayerRecord(
+                    p.name, p.node.op_type, SKIPPED,
+                    f"kept in float by avg_bits={cfg.avg_bits:g}: its measured damage per byte saved was among the "
+                    f"highest (gain {p.gain:.3g})", p.size, p.size, output=p.node.output[0], figures=dict(p.figures)))
+        for p in ctx.progress.iter([p for p in plans if p.k], "codebook"):
             layers.append(self._rewrite(ed, p, cfg, opset, ctx))
-        figures["avg_bits_achieved"] = round(sum(p.bits * p.weight.size for p in plans) /
-                                             sum(p.weight.size for p in plans), 4)
+        figures["avg_bits_achieved"] = round(sum(p.bits * p.size for p in plans) / sum(p.size for p in plans), 4)
+        if not ed.changed:
+            return PassResult(model, layers, figures)
         new = ed.apply()
         if any(r.figures.get("storage") in ("uint4", "uint2") for r in layers):
             new.ir_version = max(new.ir_version, decode.min_ir_version(opset))
@@ -241,55 +299,22 @@ class CodebookPass(Pass):
         C = w.shape[out_axis]
         pad = 0 if per == 0 else (-C % per) * (w.size // C)
         layout = decode.Layout(tuple(w.shape), out_axis if per else 0, per, pad, rows)
-        return _Plan(node, w, layout, in_name, in_axis, sens_axis, groups)
+        return _Plan(node, index, tuple(w.shape), layout, in_name, in_axis, sens_axis, groups)
 
     def _sensitivities(self, model: onnx.ModelProto, plans: list[_Plan], ctx: Context, cfg: CodebookConfig) -> None:
         moments = allocate.input_second_moments(model, [(p.in_name, p.in_axis) for p in plans], ctx.data, cfg.samples)
         for p in plans:
-            h = moments[p.in_name]
-            w = p.weight
-            if p.node.op_type == "Conv":
-                T, s_per = w.shape[0], w.shape[1]
-                g = p.groups_per_in
-                chan = (np.arange(T) // max(T // g, 1))[:, None] * s_per + np.arange(s_per)[None, :]
-                if chan.max() >= h.size:
-                    continue  # a shape the moments do not cover: unweighted
-                sens = h[chan].reshape(T, s_per, *([1] * (w.ndim - 2)))
-            else:
-                if h.size != w.shape[p.sens_axis]:
-                    continue
-                shape = [1] * w.ndim
-                shape[p.sens_axis] = h.size
-                sens = h.reshape(shape)
-            # a small floor: a weight on a dead channel still has to land somewhere sensible
-            sens = np.broadcast_to(sens + 1e-6 * max(float(h.mean()), 1e-30), w.shape)
-            p.sens = np.ascontiguousarray(sens, dtype=np.float32)
+            p.moments = moments.get(p.in_name)
 
     def _group(self, p: _Plan, cfg: CodebookConfig) -> None:
-        """Values (and weights) in the clustering layout; scalar summaries for the DP."""
-        w = p.weight
-        lay = p.layout
-        if lay.rows:
-            p.values = w.reshape(-1, w.shape[-1])
-            p.weights = None if p.sens is None else p.sens.reshape(-1, w.shape[-1]).mean(axis=1)
+        """The scalar summaries the DP runs on (small: kept for every layer; the weight is not)."""
+        if p.layout.rows:
             return
-        if lay.per_group == 0:
-            p.values = w.reshape(1, -1)
-            p.weights = None if p.sens is None else p.sens.reshape(1, -1)
-        else:
-            moved = np.moveaxis(w, lay.axis, 0).reshape(w.shape[lay.axis], -1)
-            sens = None if p.sens is None else np.moveaxis(p.sens, lay.axis, 0).reshape(moved.shape)
-            C, L = moved.shape
-            G = -(-C // lay.per_group)
-            flat = np.concatenate([moved.ravel(), np.full(lay.pad, moved.ravel()[-1], dtype=w.dtype)])
-            p.values = flat.reshape(G, -1)
-            if sens is not None or lay.pad:
-                s = np.ones_like(moved) if sens is None else sens
-                p.weights = np.concatenate([s.ravel(), np.zeros(lay.pad, dtype=w.dtype)]).reshape(G, -1)
+        values, weights = p.grouped()
         k_hint = cfg.k or 2 ** (cfg.bits or cfg.max_bits)
         # per-channel groups are many and small: 16 points per centroid keep the DP fast
-        max_points = 4096 if p.values.shape[0] == 1 else int(np.clip(16 * k_hint, 64, 4096))
-        p.summaries = kmeans.summarise(p.values, p.weights, max_points=max_points)
+        max_points = 4096 if values.shape[0] == 1 else int(np.clip(16 * k_hint, 64, 4096))
+        p.summaries = kmeans.summarise(values, weights, max_points=max_points)
 
     def _init(self, cfg: CodebookConfig, rows: bool) -> str:
         if cfg.init == "auto":
@@ -319,7 +344,8 @@ class CodebookPass(Pass):
             def probe_error(i: int) -> float:
                 p = plans[i]
                 cl = kmeans.fit_centroids(p.summaries, 2**pb, init=self._init(cfg, False), rng=ctx.rng("codebook", p.name))
-                return probe.error(_with_weight(model, p, _decoded(p, cl.centroids)))
+                values, _ = p.grouped()
+                return probe.error(_with_weight(model, p, _decoded(p, cl.centroids, kmeans.assign(values, cl.centroids))))
 
             gains = allocate.measured_gains(probe_error, [errors[i][pb] for i in range(len(plans))])
             figures["allocation"] = (f"measured: model output error with each layer alone at {pb} bits, "
@@ -327,28 +353,34 @@ class CodebookPass(Pass):
         else:
             gains = [1.0] * len(plans)
             figures["allocation"] = "weight-error proxy (no --data: every layer's error counts the same)"
-        bits, achieved = allocate.allocate_bits(errors, [p.weight.size for p in plans], gains, cfg.avg_bits)
+        if cfg.keep_float:
+            for e in errors:
+                e[allocate.FLOAT_BITS] = 0.0
+        bits, achieved = allocate.allocate_bits(errors, [p.size for p in plans], gains, cfg.avg_bits)
         for p, b, g, e in zip(plans, bits, gains, errors, strict=True):
-            p.k, p.gain = 2**b, g
+            p.k, p.gain = (0 if b == allocate.FLOAT_BITS else 2**b), g
             p.figures["predicted_error"] = round(g * e[b], 8)
         figures["avg_bits_target"] = cfg.avg_bits
 
     def _rewrite(self, ed: GraphEditor, p: _Plan, cfg: CodebookConfig, opset: int, ctx: Context) -> LayerRecord:
-        w = p.weight
         rng = ctx.rng("codebook", p.name)
         init = self._init(cfg, p.layout.rows)
+        values, weights = p.grouped()
         if p.layout.rows:
-            cl = kmeans.kmeans_rows(p.values, p.k, p.weights, init=init, rng=rng)
+            cl = kmeans.kmeans_rows(values, p.k, weights, init=init, rng=rng)
             centroids, labels = cl.centroids, cl.labels
             k, capped = cl.k, cl.capped
+            counts = np.bincount(labels, minlength=k)
             p.figures["clustering"] = f"Lloyd on kernel rows from {init}"
         else:
             fit = kmeans.fit_centroids(p.summaries, p.k, init=init, rng=rng)
-            centroids, labels = fit.centroids, kmeans.assign(p.values, fit.centroids)
-            k, capped = fit.k, fit.capped
+            # a histogram-summarised (big) tensor is labelled in float32: no float64 copy of it
+            exact = all(sm.exact for sm in p.summaries)
+            labels, counts = kmeans.assign_counted(values, fit.centroids, exact=exact)
+            centroids, k, capped = fit.centroids, fit.k, fit.capped
             p.figures["clustering"] = fit.method + (" on a histogram" if not all(sm.exact for sm in p.summaries) else "")
         bits = decode.index_bits(k)
-        p.bits = bits if not p.layout.rows else bits / w.shape[-1]
+        p.bits = bits if not p.layout.rows else bits / p.shape[-1]
         storage, why = decode.storage_for(bits, opset, cfg.storage)
         out_name = ed.unique_name(f"{p.name}/codebook_weight")
         nodes = decode.decode_nodes(ed, p.name, p.layout, labels, centroids, bits, storage, opset, out_name)
@@ -357,42 +389,64 @@ class CodebookPass(Pass):
         new_node.input[1] = out_name
         ed.replace(p.node, [*nodes, new_node])
 
-        decoded = _decoded(p, centroids, labels)
-        diff = (decoded - w).astype(np.float64)
-        sens = np.ones_like(w) if p.sens is None else p.sens
-        err = float(np.sum(sens * diff * diff) / max(np.sum(sens * w.astype(np.float64) ** 2), 1e-30))
+        err = _weighted_error(values, weights, centroids, labels)
+        del values, weights
         n_idx = int(labels.size)
-        entropy = bitpack.entropy_bits(labels, k)
+        entropy = bitpack.entropy_of_counts(counts.sum(axis=0) if counts.ndim == 2 else counts)
         idx_bytes = decode.storage_bytes(storage, bits, n_idx)
         book_bytes = int(centroids.size) * 4
         figs = dict(p.figures)
         figs.update({
             "bits": bits, "k": k, "granularity": cfg.granularity, "vector": cfg.vector, "storage": storage,
             "storage_reason": why, "index_bytes": idx_bytes, "codebook_bytes": book_bytes,
-            "dense_bytes": int(w.size) * 4,
+            "dense_bytes": p.size * 4,
             # the bound a lossless coder reaches on the indices (xz on the whole file: the run's summary)
             "entropy_bits": round(entropy, 4), "entropy_bytes": int(math.ceil(entropy * n_idx / 8)) + book_bytes,
-            "weight_error": round(err, 8), "bits_per_weight": round((idx_bytes + book_bytes) * 8 / w.size, 4),
+            "weight_error": round(err, 8), "bits_per_weight": round((idx_bytes + book_bytes) * 8 / p.size, 4),
         })
         if capped:
             figs["k_capped"] = f"k={p.k} capped to {k}: the layer has only {k} distinct values"
         if p.gain is not None:
             figs["gain"] = round(p.gain, 6)
-        params = int(w.size)
-        return LayerRecord(p.name, p.node.op_type, REWRITTEN, "", params, params, output=p.node.output[0], figures=figs)
+        return LayerRecord(p.name, p.node.op_type, REWRITTEN, "", p.size, p.size, output=p.node.output[0], figures=figs)
 
 
-def _decoded(p: _Plan, centroids: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+_CHUNK = 1 << 22
+
+
+def _weighted_error(values: np.ndarray, weights: np.ndarray | None, centroids: np.ndarray, labels: np.ndarray) -> float:
+    """sum w (x - c)^2 / sum w x^2 over the clustering layout, in float64 chunks (no weight-sized
+    float64 temporaries: VGG-16's fc6 alone has 103M weights). Padding has weight 0."""
+    cent32 = centroids.astype(np.float32)
+    num = den = 0.0
+    if labels.ndim == 1:  # rows
+        for a in range(0, values.shape[0], _CHUNK // max(values.shape[1], 1)):
+            b = a + _CHUNK // max(values.shape[1], 1)
+            x = values[a:b].astype(np.float64)
+            d = x - cent32[labels[a:b]]
+            w = 1.0 if weights is None else weights[a:b, None].astype(np.float64)
+            num += float(np.sum(w * d * d))
+            den += float(np.sum(w * x * x))
+        return num / max(den, 1e-30)
+    for g in range(values.shape[0]):
+        for a in range(0, values.shape[1], _CHUNK):
+            x = values[g, a : a + _CHUNK].astype(np.float64)
+            d = x - cent32[g][labels[g, a : a + _CHUNK]]
+            w = 1.0 if weights is None else weights[g, a : a + _CHUNK].astype(np.float64)
+            num += float(np.sum(w * d * d))
+            den += float(np.sum(w * x * x))
+    return num / max(den, 1e-30)
+
+
+def _decoded(p: _Plan, centroids: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The dense weight the codebook stands for, in the weight's own shape (float32)."""
     cent32 = centroids.astype(np.float32)
     if p.layout.rows:
-        return cent32[labels].reshape(p.weight.shape)
-    if labels is None:
-        labels = kmeans.assign(p.values, centroids)
+        return cent32[labels].reshape(p.shape)
     grouped = np.take_along_axis(cent32, labels.astype(np.int64), axis=1)
     lay = p.layout
     if lay.per_group == 0:
-        return grouped.reshape(p.weight.shape)
+        return grouped.reshape(p.shape)
     flat = grouped.ravel()[: math.prod(lay.moved_shape)]
     return np.moveaxis(flat.reshape(lay.moved_shape), 0, lay.axis)
 

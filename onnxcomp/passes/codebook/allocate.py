@@ -12,9 +12,11 @@ max_bits] (from one clustering per b on the layer's summary, onnxcomp.linalg.kme
 one probe per layer measures the whole model's relative squared output error with only that layer
 at `probe` bits (onnxcomp.sensitivity.OutputErrorProbe), which gives the layer's gain
 g_l = model error / e_l(probe); without data g_l = 1 (the weight-error proxy, said in the report).
-Starting with every layer at max_bits, a greedy loop takes one bit off the layer whose predicted
-model error g_l e_l(b) grows least per index byte saved, until the average index bits per weight
-(weighted by weight count) reaches the target.
+Starting with every layer in float (32 bits, error 0; `keep_float=off`: at max_bits), a greedy loop
+steps down the layer whose predicted model error g_l e_l(b) grows least per bit of storage saved
+(float -> max_bits, then one bit at a time), until the average bits per weight (weighted by weight
+count, float layers at 32) reaches the target. A small fragile layer (a depthwise conv whose
+per-tensor codebook wrecks its weakest channels, a gating layer) can so stay float for few bytes.
 """
 
 from __future__ import annotations
@@ -50,11 +52,15 @@ def input_second_moments(model: onnx.ModelProto, names: Sequence[tuple[str, int]
     return {n: sums[n] / max(counts[n], 1) for n in sums}
 
 
+FLOAT_BITS = 32  # a layer left in float under avg_bits counts its 32 bits per weight
+
+
 def allocate_bits(errors: Sequence[dict[int, float]], sizes: Sequence[int], gains: Sequence[float], avg_bits: float,
                   ) -> tuple[list[int], float]:
-    """Bits per layer whose weight-count-weighted average is <= avg_bits, taking bits off where the
-    predicted model error gain * e(b) grows least per index byte saved. Returns (bits, achieved
-    average). `errors[l]` maps each allowed bit width to layer l's relative error."""
+    """Bits per layer whose weight-count-weighted average is <= avg_bits, stepping each layer down
+    its allowed widths (the keys of `errors[l]`, its relative error at each; FLOAT_BITS with error 0
+    when float is allowed) where the predicted model error gain * e(b) grows least per bit of
+    storage saved. Returns (bits, achieved average)."""
     bits = [max(e) for e in errors]
     total = float(sum(sizes))
     used = float(sum(b * n for b, n in zip(bits, sizes, strict=True)))
@@ -62,16 +68,19 @@ def allocate_bits(errors: Sequence[dict[int, float]], sizes: Sequence[int], gain
 
     def push(layer: int) -> None:
         b = bits[layer]
-        if b - 1 in errors[layer]:
-            cost = gains[layer] * (errors[layer][b - 1] - errors[layer][b])
-            heapq.heappush(heap, (max(cost, 0.0) / sizes[layer], layer))
+        lower = [w for w in errors[layer] if w < b]
+        if lower:
+            nxt = max(lower)
+            cost = gains[layer] * (errors[layer][nxt] - errors[layer][b])
+            heapq.heappush(heap, (max(cost, 0.0) / (sizes[layer] * (b - nxt)), layer))
 
     for layer in range(len(bits)):
         push(layer)
     while heap and used > avg_bits * total + 1e-9:
         _, layer = heapq.heappop(heap)
-        bits[layer] -= 1
-        used -= sizes[layer]
+        nxt = max(w for w in errors[layer] if w < bits[layer])
+        used -= sizes[layer] * (bits[layer] - nxt)
+        bits[layer] = nxt
         push(layer)
     return bits, used / total if total else 0.0
 
