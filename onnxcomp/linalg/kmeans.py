@@ -50,13 +50,6 @@ class Clustering:
         return np.take_along_axis(self.centroids, self.labels, axis=1)
 
 
-def weighted_sse(values: np.ndarray, weights: np.ndarray | None, centroids: np.ndarray, labels: np.ndarray) -> float:
-    """sum w (x - c[label])^2 for one group (1-D)."""
-    d = values - centroids[labels]
-    w = np.ones_like(values) if weights is None else weights
-    return float(np.sum(w * d * d))
-
-
 # -- the exact dynamic programme --------------------------------------------------------------------
 
 

@@ -30,26 +30,17 @@ import onnx
 
 def input_second_moments(model: onnx.ModelProto, names: Sequence[tuple[str, int]], source, max_samples: int,
                          ) -> dict[str, np.ndarray]:
-    """E[x^2] per channel of each (tensor, channel axis) in `names`, over up to `max_samples`
-    samples of `source` (a channel axis of -1 is the last)."""
-    from onnxcomp.runtime import run_batches
+    """E[x^2] = var + mean^2 per channel of each (tensor, channel axis) in `names`, over about
+    `max_samples` samples of `source` (onnxcomp.runtime.activation_stats, one pass per axis)."""
+    from onnxcomp.runtime import activation_stats
 
-    wanted = list(dict.fromkeys(n for n, _ in names))
-    axes = dict(names)
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    taken = 0
-    for feeds, values, _labels in run_batches(model, source, outputs=wanted, max_bytes=256 * 2**20):
-        for name in wanted:
-            x = np.asarray(values[name], dtype=np.float64)
-            ax = axes[name] % x.ndim
-            moved = np.moveaxis(x, ax, -1).reshape(-1, x.shape[ax])
-            sums[name] = sums.get(name, 0.0) + np.einsum("ij,ij->j", moved, moved)
-            counts[name] = counts.get(name, 0) + moved.shape[0]
-        taken += int(next(iter(feeds.values())).shape[0]) if feeds else 0
-        if taken >= max_samples:
-            break
-    return {n: sums[n] / max(counts[n], 1) for n in sums}
+    batches = max(1, -(-max_samples // int(getattr(source, "batch_size", 8) or 8)))
+    out: dict[str, np.ndarray] = {}
+    for axis in sorted({ax for _, ax in names}):
+        tensors = [n for n, ax in names if ax == axis and n not in out]
+        for name, st in activation_stats(model, source, tensors, axis, max_batches=batches).items():
+            out[name] = st.var + st.mean**2
+    return out
 
 
 FLOAT_BITS = 32  # a layer left in float under avg_bits counts its 32 bits per weight
