@@ -298,6 +298,8 @@ def _params_bits(ctx: CostContext, names: list[str]) -> tuple[int, int]:
 def _conv_cost(ctx: CostContext, node: onnx.NodeProto) -> LayerCost | None:
     if len(node.input) < 2 or not _const_operand(ctx, node.input[1]):
         return None
+    if _const_operand(ctx, node.input[0]):
+        return None  # computed from constants alone: folded at load, not a layer that runs
     w = ctx.weight_shape(node.input[1])
     g = int(attr(node, "group", 1))
     has_b = len(node.input) > 2 and bool(node.input[2])

@@ -231,6 +231,9 @@ PIPELINES: list[tuple[str, bool, tuple[str, ...], bool]] = [
     # codebooks: the reported error recomputed; with data, mixed bits measured and composed with tucker
     ("codebook{bits=3,granularity=channel,min_params=16}", True, ("--no-guard", "--validate"), False),
     ("tucker{rank=0.5,round=2,objective=macs},codebook{min_params=16,samples=8}", True, (), False),
+    # trimming: only exactly constant channels (exact), and by a MAC target (the reported error recomputed)
+    ("trim{threshold=0,round=1}", True, (), True),
+    ("trim{target=0.3,round=1,min_channels=1},codebook{bits=4,min_params=16}", True, ("--no-guard", "--validate"), False),
 ]
 
 

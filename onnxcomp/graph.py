@@ -225,6 +225,7 @@ class GraphEditor:
     _replace: dict[int, _Replacement] = field(default_factory=dict)
     _remove: set[int] = field(default_factory=set)
     _new_init: list[onnx.TensorProto] = field(default_factory=list)
+    _set_init: dict[str, onnx.TensorProto] = field(default_factory=dict)
     _functions: list[onnx.FunctionProto] = field(default_factory=list)
     _opsets: dict[str, int] = field(default_factory=dict)
     _used_names: set[str] | None = None
@@ -261,6 +262,12 @@ class GraphEditor:
         self._new_init.append(t)
         return t.name
 
+    def set_initializer(self, name: str, array: np.ndarray) -> None:
+        """Give the existing initializer `name` a new value (same name, any shape the readers accept)."""
+        if all(t.name != name for t in self.model.graph.initializer):
+            raise ValueError(f"no initializer named {name!r}")
+        self._set_init[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+
     def replace(self, node: onnx.NodeProto, new_nodes: Sequence[onnx.NodeProto]) -> None:
         """Replace `node` (by identity) with `new_nodes`; they must produce the node's outputs."""
         self._replace[self._position(node)] = _Replacement(list(new_nodes), [])
@@ -282,7 +289,7 @@ class GraphEditor:
 
     @property
     def changed(self) -> bool:
-        return bool(self._replace or self._remove or self._new_init or self._functions)
+        return bool(self._replace or self._remove or self._new_init or self._set_init or self._functions)
 
     def apply(self) -> onnx.ModelProto:
         """A new model with all collected edits; the editor's source model is left untouched.
@@ -307,7 +314,7 @@ class GraphEditor:
         used = used_tensor_names(out)
         for t in src.initializer:
             if t.name in used:
-                g.initializer.add().CopyFrom(t)
+                g.initializer.add().CopyFrom(self._set_init.get(t.name, t))
         g.initializer.extend(self._new_init)
         # IR < 4 models also list every initializer as a graph input: drop the dropped ones' entries
         gone = {t.name for t in src.initializer if t.name not in used}
@@ -350,19 +357,31 @@ def used_tensor_names(model: onnx.ModelProto) -> set[str]:
     """Every tensor name consumed by a main-graph node (including names its subgraphs read) or
     listed as a graph output. Function bodies are not visited: they only see their own inputs."""
     used: set[str] = {o.name for o in model.graph.output}
+    used.update(i for n in model.graph.node for i in n.input if i)
+    return used | subgraph_reads(model.graph)
 
-    def visit(graph: onnx.GraphProto) -> None:
-        for n in graph.node:
-            used.update(i for i in n.input if i)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    visit(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        visit(sg)
 
-    visit(model.graph)
-    return used
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    out: list[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Tensor names that nodes inside `graph`'s subgraphs (If/Loop/Scan bodies, at any depth) read;
+    names a body defines itself are included too (harmless for "is it used" questions)."""
+    out: set[str] = set()
+    stack = [g for n in graph.node for g in _subgraphs(n)]
+    while stack:
+        g = stack.pop()
+        for n in g.node:
+            out.update(i for i in n.input if i)
+            stack.extend(_subgraphs(n))
+    return out
 
 
 def remove_unused_initializers(model: onnx.ModelProto) -> int:

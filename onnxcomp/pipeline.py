@@ -459,7 +459,7 @@ def guard_for(model: onnx.ModelProto, ctx: Context, tolerance: AnyTolerance | No
         total = source.num_samples if source.num_samples is not None else "too few"
         raise BadInputError(f"{source.description}: {total} samples hold out only {n_held} for the guard "
                             f"(it needs {MIN_HELD_OUT}, so about {4 * MIN_HELD_OUT} samples); give more data or --no-guard")
-    return Guard(model, held, tolerance, cost_model=ctx.costs(), **options), dataclasses.replace(ctx, data=fit)
+    return Guard(model, held, tolerance, cost_model=ctx.costs(), **options), dataclasses.replace(ctx, data=fit, held_data=held)
 
 
 MIN_HELD_OUT = 8

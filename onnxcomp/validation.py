@@ -620,6 +620,7 @@ def compare(
     kept_labels: list[np.ndarray] = []
     out_shape: dict[str, list[int]] = {}
     layer_diff = {n: _Diff() for n in captured}
+    mismatched: set[str] = set()
     samples = 0
     per_sample: dict[str, bool] = {}
     # Layer capture can hold many large activations per sample: when the batch axis is free, run
@@ -648,6 +649,10 @@ def compare(
         for name, r, c in zip(names, rv, cv, strict=True):
             if not isinstance(r, np.ndarray) or not isinstance(c, np.ndarray):
                 raise BadInputError(f"output '{name}' is not a tensor; only tensor outputs can be compared")
+            if r.shape != c.shape and name not in out_diff:
+                # a later pass's layer whose tensor an earlier pass reshaped (trimmed channels): not comparable
+                mismatched.add(name)
+                continue
             if r.shape != c.shape:
                 what = "output" if name in out_diff else "layer output"
                 raise BadInputError(
@@ -726,8 +731,9 @@ def compare(
         metric_score = metric.score(ref_all, cand_all, labels_all).as_dict()
     layer_checks = [
         LayerCheck(layer_nodes[name], name, d.rel_l2, d.max_abs, d.cosine_global, d.sqnr_db)
-        for name, d in layer_diff.items()
+        for name, d in layer_diff.items() if name not in mismatched
     ]
+    not_found += [layer_nodes[name] for name in captured if name in mismatched]
     return Check(
         tolerance=tolerance,
         samples=samples,

@@ -21,6 +21,7 @@ REWRITING = {
     "tucker": "rank=0.5,round=2,include=\"conv[12]|fc\",refit=sequential,objective=macs",
     "int8": "samples=16,calibrate=minmax,objective=any",
     "codebook": "bits=3,granularity=channel,min_params=16,storage=packed",
+    "trim": "target=0.3,round=1,samples=16,metric=share",
 }
 BUILTIN = sorted(n for n, cls in registered_passes().items() if cls.__module__.startswith("onnxcomp.passes."))
 

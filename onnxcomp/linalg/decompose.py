@@ -600,7 +600,7 @@ def validated_refit(
     b_ref = b_old if train.bias else None
     keep = Refit(False, w_old, b_old, "", calib_before=train.merged(held).residual(w_old, b_ref))
     if held.count == 0 or train.count == 0:
-        keep.reason = "kept the decomposition: too few calibration samples to hold some out (needs 2)"
+        keep.reason = "not refit: too few calibration samples to hold some out (needs 2)"
         return keep
     keep.heldout_before = held.residual(w_old, b_ref)
     best = None
@@ -613,7 +613,7 @@ def validated_refit(
     margin = 2.0 * math.sqrt(2.0 / (units * max(held.n_out, 1)))
     if best is None or not best[0] < keep.heldout_before * (1.0 - margin):
         keep.heldout_after = None if best is None else best[0]
-        keep.reason = ("kept the decomposition (the refit did not lower the error on held-out calibration samples "
+        keep.reason = ("not refit (the refit did not lower the error on held-out calibration samples "
                        f"by more than their sampling noise, {min(margin, 1.0):.0%})")
         return keep
     err, ridge, w, b = best

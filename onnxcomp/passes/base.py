@@ -159,7 +159,8 @@ class Context:
     """What a pass may use besides the model: calibration data, seed, input shapes, progress.
 
     `data` is a DataSource (onnxcomp.data) or None. `input_shapes` maps input names to concrete
-    shapes, used to fill symbolic dims for MAC counts and random data.
+    shapes, used to fill symbolic dims for MAC counts and random data. `held_data` holds the
+    samples the guard checks on; a pass may report figures on them, never fit to them.
     """
 
     data: Any = None
@@ -168,6 +169,7 @@ class Context:
     progress: Progress = QUIET
     calibration_batches: int = 0  # 0 = all the data source yields
     cost_model: Any = None  # onnxcomp.costmodel.CostModel; `costs()` makes the default one on first use
+    held_data: Any = None  # the guard's held-out samples (a DataSource) when it has some: for reports only
 
     def costs(self) -> Any:
         """The cost model passes consult for measured per-layer latency (one per run, so every pass
