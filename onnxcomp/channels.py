@@ -182,10 +182,12 @@ class ChannelGraph:
         inner = subgraph_reads(g)
         for node in g.node:
             tracked_in = [i for i in node.input if i in self.channels]
-            handler = getattr(self, f"_on_{node.op_type}", None) if node.domain in ("", "ai.onnx") else None
-            if node.op_type in ELEMENTWISE_UNARY or node.op_type in POOLING or node.op_type in PER_CHANNEL_PARAMS:
+            standard = node.domain in ("", "ai.onnx")
+            handler = getattr(self, f"_on_{node.op_type}", None) if standard else None
+            if standard and (node.op_type in ELEMENTWISE_UNARY or node.op_type in POOLING
+                             or node.op_type in PER_CHANNEL_PARAMS):
                 handler = self._on_lane
-            elif node.op_type in BINARY:
+            elif standard and node.op_type in BINARY:
                 handler = self._on_binary
             if handler is not None:
                 handled = handler(node, tracked_in)
@@ -276,12 +278,12 @@ class ChannelGraph:
         """How a constant operand broadcast against a [N, C, ...] tensor follows its channels: a
         ParamSlice, None (it broadcasts over channels), or False (it cannot be followed)."""
         arr = self.index.array(name)
-        if arr is None:
+        if arr is None or arr.ndim > rank:  # a higher rank would move the channel axis of the result
             return False
         axis = 1 - (rank - arr.ndim)
         if axis < 0 or arr.shape[axis] == 1:
             return None
-        if arr.shape[axis] == c and arr.ndim <= rank:
+        if arr.shape[axis] == c:
             return ParamSlice(index, axis)
         return False
 
@@ -304,7 +306,10 @@ class ChannelGraph:
                     params.append(ps)
                 continue
             shp = self._shape(name)  # an untracked operand may only broadcast over the channels
-            if shp is None or len(shp) > rank or (len(shp) == rank and shp[1] != 1):
+            if shp is None or len(shp) > rank:
+                return False
+            axis = 1 - (rank - len(shp))
+            if axis >= 0 and shp[axis] != 1:
                 return False
         self._track(y, c, rank)
         for t in tracked_in:
@@ -416,8 +421,9 @@ class ChannelGraph:
         if tracked_in != [x]:
             return False
         ins = list(node.input) + [""] * 4
-        roi_scales = ins[1:3] if node.op_type == "Resize" and opset_version(self.model) >= 11 else [ins[1]]
-        scales = next((self.index.array(n) for n in roi_scales[::-1] if n and self.index.is_constant(n)), None)
+        # scales are input 2 of Resize from opset 11 (after roi), input 1 of Resize-10 and Upsample
+        scales_name = ins[2] if node.op_type == "Resize" and opset_version(self.model) >= 11 else ins[1]
+        scales = self.index.array(scales_name) if scales_name else None
         sizes = ins[3] if node.op_type == "Resize" else ""
         if sizes or scales is None or scales.size < 2 or float(scales[1]) != 1.0 or float(scales[0]) != 1.0:
             return False

@@ -391,3 +391,41 @@ def test_refit_lowers_the_output_error_against_plain_folding():
             assert conv2.figures["refit_heldout_error_after"] < conv2.figures["refit_heldout_error_before"]
             assert result.figures["refit_applied"] >= 1
     assert errors["on"] < 0.5 * errors["off"] and errors["sequential"] < 0.5 * errors["off"], errors
+
+
+def test_an_untracked_per_channel_operand_blocks_its_groups():
+    """conv -> Add(c, s) with s a graph input [8, 1, 1]: s would keep 8 channels while c lost some, so
+    the group cannot go (a lower-rank operand's channel axis is checked too)."""
+    rng = np.random.default_rng(5)
+    inits = {"w": rng.standard_normal((8, 3, 3, 3)), "w2": rng.standard_normal((4, 8, 1, 1))}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "s"], ["a"], name="add"),
+             helper.make_node("Conv", ["a", "w2"], ["y"], name="conv2")]
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6]),
+                                       helper.make_tensor_value_info("s", TensorProto.FLOAT, [8, 1, 1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                          [numpy_helper.from_array(a.astype(np.float32), n) for n, a in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    reasons = {gr.blocked for gr in ChannelGraph(m).groups() if gr.tensors & {"c"}}
+    assert all(r and "consumed by Add 'add'" in r for r in reasons), reasons
+
+
+def test_refit_of_a_gemm_with_beta_zero_writes_a_finite_bias():
+    """A Gemm whose C is ignored (beta=0): the fold makes C the bias with beta=1, and the refit reads
+    the rewritten node's beta, not the original's."""
+    rng = np.random.default_rng(6)
+    w, b = rng.standard_normal((16, 3, 3, 3)) * 0.3, rng.standard_normal(16) * 0.1
+    w[8:12], b[8:12] = 0.05 * w[0:4], 0.05 * b[0:4]
+    inits = {"w": w, "b": b, "wf": rng.standard_normal((10, 16)), "cf": rng.standard_normal(10)}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wf", "cf"], ["y"], name="fc", transB=1, beta=0.0, alpha=2.0)]
+    model = _model(nodes, inits, ("N", 3, 8, 8))
+    x, src = _data(model, n=96, hw=(8, 8))
+    result = TrimPass(threshold=0.08, round=1, refit="on").run(model, Context(data=src))
+    fc = next(r for r in result.layers if r.node == "fc")
+    assert fc.figures["in_channels_trimmed"] >= 4 and fc.figures["refit"] == "applied", fc.figures
+    got, ref = _run(result.model, x), _run(model, x)
+    assert np.all(np.isfinite(got)) and np.linalg.norm(got - ref) < 0.1 * np.linalg.norm(ref)

@@ -25,7 +25,8 @@ folded into the consumers' outputs (onnxcomp.passes.trim.rewrite). No back-propa
 * **Borders** (`border=exact`, the default): with static spatial dims a removed channel's zero-padded
   border is folded exactly, as a constant map added to the consumer's output; that Add stops
   onnxruntime's conv fusions (benchmarks/trim.py, rows `border=interior`).
-  `border=interior` folds the interior value into the bias instead: no Add, the border approximated
+  `border=interior` folds the channel's mean value into the bias instead: no Add, the border (and
+  any per-position variation of the fold) approximated
   (the guard checks the result).
 * **Refit** (`refit=on|sequential`, onnxcomp.passes.trim.refit): the consumers' kept weights and
   bias re-solved by least squares to reproduce the original layer outputs (ThiNet / He et al. 2017),
@@ -79,7 +80,7 @@ class TrimConfig(PassConfig):
     min_channels: int = option(4, "a layer keeps at least this many output channels")
     round: int = option(16, "kept output channel counts are multiples of this (or unchanged); 1: off")
     border: str = option("exact", "exact: with static spatial dims a removed channel's zero-padded border is folded "
-                         "exactly (a constant map added to the consumer's output) | interior: its interior value "
+                         "exactly (a constant map added to the consumer's output) | interior: its mean value "
                          "goes into the bias (no extra Add, faster; the border is approximated)",
                          choices=("exact", "interior"))
     samples: int = option(256, "calibration samples for the locality statistics")

@@ -41,6 +41,7 @@ class _Target:
     bias: str | None
     fold_map: str | None
     rows: np.ndarray | None = None  # kept output channels when the layer lost some too
+    node: onnx.NodeProto | None = None  # the layer as the trimmed model has it (its alpha / beta)
     geometry: tuple = ()  # a conv's (kernel, strides, dilations, pads)
     train: dec.LeastSquares | None = None
     held: dec.LeastSquares | None = None
@@ -63,7 +64,8 @@ def refit(original: onnx.ModelProto, trimmed: onnx.ModelProto, cg: ChannelGraph,
             continue
         w = written[name]
         t = _Target(name, s, kept[s.tensor], w["weight"], w["bias"], w["map"], kept.get(s.node.output[0]))
-        why = _unsupported(t, index, now.get(name))
+        t.node = now.get(name)
+        why = _unsupported(t, index, t.node)
         if why:
             figures[name] = {"refit": f"n/a ({why})"}
             continue
@@ -106,7 +108,11 @@ def _unsupported(t: _Target, index: GraphIndex, node: onnx.NodeProto | None) -> 
         t.geometry = (conv.kernel, conv.strides, conv.dilations, conv.pads)
         unknowns = int(np.prod(conv.weight.shape[1:]))
     else:
-        unknowns = int(index.initializers[t.weight].dims[1 if _trans_b(node) else 0])
+        dims = index.initializers[t.weight].dims
+        unknowns = int(dims[1 if _trans_b(node) else 0])
+        outputs = int(dims[0 if _trans_b(node) else 1])
+        if t.bias and int(np.prod(index.initializers[t.bias].dims)) not in (1, outputs):
+            return "a bias that is not one value per output"
     if unknowns > MAX_UNKNOWNS:
         return f"{unknowns} unknowns per output > {MAX_UNKNOWNS}"
     return ""
@@ -181,7 +187,7 @@ def _solve(t: _Target, index: GraphIndex, ed: GraphEditor) -> dict:
     assert t.train is not None and t.held is not None
     w = index.array(t.weight).astype(np.float64)
     b = index.array(t.bias).astype(np.float64) if t.bias else None
-    node = t.sink.node
+    node = t.node if t.node is not None else t.sink.node
     alpha = float(attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
     beta = float(attr(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
     if t.sink.kind == "conv":

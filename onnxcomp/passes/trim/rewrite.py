@@ -26,7 +26,8 @@ from onnxcomp.passes.trim.locality import Locality
 FOLD_BIAS = "bias"
 FOLD_MAP = "exact border map (constant subgraph, folded at load)"
 FOLD_INTERIOR = "bias, interior value (dynamic spatial dims: the zero-padded border is approximated)"
-FOLD_INTERIOR_CHOSEN = "bias, interior value (border=interior: the zero-padded border is approximated)"
+FOLD_INTERIOR_CHOSEN = "bias, mean value (border=interior: the zero-padded border is approximated)"
+FOLD_MEAN_CHOSEN = "bias, mean value (border=interior: the per-position fold map is approximated)"
 
 
 @dataclass
@@ -47,7 +48,7 @@ def shrink(model: onnx.ModelProto, cg: ChannelGraph, removed: dict[str, list[int
            ) -> tuple[onnx.ModelProto, dict[str, dict], dict[str, dict]]:
     """A new model without the `removed` channels (per tracked tensor, consistent over each group)
     and the per-node figures (out/in channels trimmed, fold kind). `localities` gives the fold values
-    of every sink input that loses channels. `exact_border=False` folds the interior value into the
+    of every sink input that loses channels. `exact_border=False` folds each channel's mean into the
     bias even where the exact map is known (faster: no Add per layer; the border is approximated).
     The third value names, per sink layer, the tensors it now reads its weight, bias and fold map
     from (`weight`, `bias`, `map`), for a refit."""
@@ -148,6 +149,8 @@ def _conv(ed: GraphEditor, cg: ChannelGraph, e: NodeEdit, keep, removed, localit
             b = contrib if b is None else b + contrib
             e.figures["fold"] = (FOLD_BIAS if unpadded and (uniform or not per_position) else
                                  FOLD_INTERIOR if not per_position else FOLD_INTERIOR_CHOSEN)
+            if unpadded and per_position and not uniform:
+                e.figures["fold"] = FOLD_MEAN_CHOSEN
         else:
             out_nodes, y = _fold_map(ed, conv, name, w_r, fold, uniform, opset), ed.unique_name(f"{name}/trim_pre")
             e.figures["fold"] = FOLD_MAP
