@@ -12,11 +12,14 @@ folded into the consumers' outputs (onnxcomp.passes.trim.rewrite). No back-propa
 * **Metric** (`metric=`): `std` (the default) scores a channel by the RMS of its deviation from its
   fold value divided by the RMS of the whole tensor, measured where the consumers read it. The error a
   fold adds to a consumer is linear in that deviation, so the score bounds the damage; it needs no
-  second tolerance. `share` scores it by the fraction of its values within `tol` x the tensor's RMS
+  second tolerance. `output` weights that deviation by the consumers' weights: the relative error the
+  fold adds to their outputs (channels taken as uncorrelated); it ranks channels across layers by
+  their effect, which kept the PP-OCR classifier far better (benchmarks/trim.py), while `std` did
+  better on the digit-specialized glyph models. `share` scores it by the fraction of its values within `tol` x the tensor's RMS
   of the fold value (the paper's notion of value locality: repeated values); it forgives rare
   outliers that `std` counts. A group's score is its worst channel's.
-* **How many**: `threshold=` (std: residual <= threshold, default 0.01; share: share >= threshold,
-  default 0.99), or `target=<fraction of the model's MACs to remove>`, most local groups first.
+* **How many**: `threshold=` (std / output: score <= threshold, default 0.01; share: share >=
+  threshold, default 0.99), or `target=<fraction of the model's MACs to remove>`, most local groups first.
   `max_per_layer`, `min_channels` and `round` bound each layer: kept output counts are multiples of
   `round` (default 16) or unchanged. With a threshold a layer is rounded up (a channel that did not
   qualify is never trimmed to round); under a target it is rounded to the nearer multiple, down by
@@ -70,8 +73,8 @@ class TrimConfig(PassConfig):
     metric: str = option("std", "std: residual RMS around the fold value / the tensor's RMS | output: the error "
                          "the fold adds to the consumers' outputs (std weighted by their weights) | share: fraction "
                          "of values within tol of the fold value", choices=("std", "output", "share"))
-    threshold: float | None = option(None, "std: trim groups scoring <= this (default 0.01); share: trim groups "
-                                     "with share >= this (default 0.99); ignored with target")
+    threshold: float | None = option(None, "std / output: trim groups scoring <= this (default 0.01); share: trim "
+                                     "groups with share >= this (default 0.99); ignored with target")
     tol: float = option(0.02, "share: a value is 'at the fold value' within tol x the tensor's RMS")
     target: float = option(0.0, "remove this fraction of the model's MACs, most local groups first (0: threshold)")
     criterion: str = option("locality", "locality: value locality on --data (S-VELCRO) | l1: smallest filter L1 "
