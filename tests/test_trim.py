@@ -429,3 +429,33 @@ def test_refit_of_a_gemm_with_beta_zero_writes_a_finite_bias():
     assert fc.figures["in_channels_trimmed"] >= 4 and fc.figures["refit"] == "applied", fc.figures
     got, ref = _run(result.model, x), _run(model, x)
     assert np.all(np.isfinite(got)) and np.linalg.norm(got - ref) < 0.1 * np.linalg.norm(ref)
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_split_sizes_follow_the_trimmed_channels(opset):
+    """conv (16, channel 2 dead) -> Split in halves -> each half into its own conv: the first half
+    loses channel 2, and the Split's sizes (attribute before opset 13, input from 13, num_outputs
+    from 18) say 7 and 8."""
+    rng = np.random.default_rng(8)
+    w, b = rng.standard_normal((16, 3, 3, 3)), rng.standard_normal(16) * 0.1
+    b[2] = -100.0
+    inits = {"w": w, "b": b, "wa": rng.standard_normal((4, 8, 1, 1)), "wb": rng.standard_normal((4, 8, 1, 1))}
+    if opset >= 18:
+        split = helper.make_node("Split", ["r"], ["s0", "s1"], name="split", axis=1, num_outputs=2)
+    elif opset >= 13:
+        inits["sizes"] = np.array([8, 8], dtype=np.int64)
+        split = helper.make_node("Split", ["r", "sizes"], ["s0", "s1"], name="split", axis=1)
+    else:
+        split = helper.make_node("Split", ["r"], ["s0", "s1"], name="split", axis=1, split=[8, 8])
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"), split,
+             helper.make_node("Conv", ["s0", "wa"], ["a"], name="conva"),
+             helper.make_node("Conv", ["s1", "wb"], ["bb"], name="convb"),
+             helper.make_node("Add", ["a", "bb"], ["y"], name="add")]
+    model = _model(nodes, inits, ("N", 3, 6, 6), out_dims=("N", 4, 6, 6), opset=opset)
+    x, src = _data(model, hw=(6, 6))
+    result = TrimPass(threshold=0.0, round=1).run(model, Context(data=src))
+    shapes = _weight_shapes(result.model)
+    assert shapes["conv"][0] == 15 and shapes["conva"] == (4, 7, 1, 1) and shapes["convb"] == (4, 8, 1, 1)
+    onnx.checker.check_model(result.model)
+    np.testing.assert_allclose(_run(result.model, x), _run(model, x), rtol=1e-5, atol=1e-5)
