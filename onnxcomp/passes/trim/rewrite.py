@@ -143,17 +143,21 @@ def _conv(ed: GraphEditor, cg: ChannelGraph, e: NodeEdit, keep, removed, localit
         flat = fold.reshape(fold.shape[0], -1) if per_position else fold[:, None]
         uniform = bool(np.all(np.ptp(flat, axis=1) <= 1e-7 * max(float(np.abs(flat).max()), 1e-30)))
         unpadded = conv.auto_pad == "VALID" or (conv.pads is not None and not any(conv.pads))
-        if not per_position or (uniform and unpadded) or not exact_border:
+        if not per_position:  # dynamic dims: one value per channel
+            kind = FOLD_BIAS if unpadded else FOLD_INTERIOR
+        elif uniform and unpadded:  # the same value at every position and no border: exact in the bias
+            kind = FOLD_BIAS
+        elif not exact_border:
+            kind = FOLD_MEAN_CHOSEN if unpadded else FOLD_INTERIOR_CHOSEN
+        else:
+            kind = FOLD_MAP
+        e.figures["fold"] = kind
+        if kind != FOLD_MAP:
             c = flat.mean(axis=1)
             contrib = w_r.reshape(w_r.shape[0], w_r.shape[1], -1).sum(axis=2) @ c
             b = contrib if b is None else b + contrib
-            e.figures["fold"] = (FOLD_BIAS if unpadded and (uniform or not per_position) else
-                                 FOLD_INTERIOR if not per_position else FOLD_INTERIOR_CHOSEN)
-            if unpadded and per_position and not uniform:
-                e.figures["fold"] = FOLD_MEAN_CHOSEN
         else:
             out_nodes, y = _fold_map(ed, conv, name, w_r, fold, uniform, opset), ed.unique_name(f"{name}/trim_pre")
-            e.figures["fold"] = FOLD_MAP
     inputs[1] = ed.add_initializer(f"{name}/trim_weight", np.asarray(w, dtype=np.float32))
     inputs[2] = "" if b is None else ed.add_initializer(f"{name}/trim_bias", b.astype(np.float32))
     if not inputs[2]:
