@@ -34,6 +34,7 @@ ELEMENTWISE_UNARY = frozenset({
 })
 POOLING = frozenset({"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"})
 PER_CHANNEL_PARAMS = frozenset({"BatchNormalization", "InstanceNormalization"})
+SOURCES = frozenset({"Conv", "Gemm", "MatMul"})  # ops whose output rows start channels
 BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean"})
 
 
@@ -76,10 +77,10 @@ class ChannelGroup:
     id: int
     slots: list[tuple[str, int]]
     blocked: str | None
+    tensors: frozenset[str] = frozenset()  # the tensors its slots are in
 
-    @property
-    def tensors(self) -> set[str]:
-        return {t for t, _ in self.slots}
+    def __post_init__(self) -> None:
+        self.tensors = frozenset(t for t, _ in self.slots)
 
 
 class _UnionFind:
@@ -189,10 +190,9 @@ class ChannelGraph:
                 handler = self._on_lane
             elif standard and node.op_type in BINARY:
                 handler = self._on_binary
-            if handler is not None:
-                handled = handler(node, tracked_in)
-            else:
-                handled = False
+            if not tracked_in and node.op_type not in SOURCES:
+                continue  # only layers start channels; any other node matters when it reads some
+            handled = handler(node, tracked_in) if handler is not None else False
             if not handled:
                 for t in tracked_in:
                     self._block(t, f"consumed by {node.op_type} '{node_label(node)}', which trimming does not handle")
@@ -201,7 +201,8 @@ class ChannelGraph:
         for out in g.output:
             self._block(out.name, "a graph output")
 
-    # each handler returns True when it understood every tracked input of the node
+    # each handler returns True when it understood every tracked input of the node; the walk calls
+    # it only for a node that reads a tracked tensor, or for a layer (which may start channels)
     def _on_Conv(self, node: onnx.NodeProto, tracked_in: list[str]) -> bool:
         conv = read_conv(self.index, node)
         x, y = node.input[0], node.output[0]
@@ -246,8 +247,6 @@ class ChannelGraph:
     _on_MatMul = _dense
 
     def _on_lane(self, node: onnx.NodeProto, tracked_in: list[str]) -> bool:
-        if not tracked_in:
-            return True
         x = node.input[0]
         if tracked_in != [x]:
             return False
@@ -288,8 +287,6 @@ class ChannelGraph:
         return False
 
     def _on_binary(self, node: onnx.NodeProto, tracked_in: list[str]) -> bool:
-        if not tracked_in:
-            return True
         y = node.output[0]
         c, rank = self.channels[tracked_in[0]], self.rank[tracked_in[0]]
         if any(self.channels[t] != c or self.rank[t] != rank for t in tracked_in):
@@ -318,8 +315,6 @@ class ChannelGraph:
         return True
 
     def _on_Concat(self, node: onnx.NodeProto, tracked_in: list[str]) -> bool:
-        if not tracked_in:
-            return True
         ins = [i for i in node.input if i]
         if any(i not in self.channels for i in ins):
             return False
@@ -337,8 +332,6 @@ class ChannelGraph:
         return True
 
     def _on_Split(self, node: onnx.NodeProto, tracked_in: list[str]) -> bool:
-        if not tracked_in:
-            return True
         x = node.input[0]
         if tracked_in != [x]:
             return False
@@ -357,8 +350,6 @@ class ChannelGraph:
         return True
 
     def _on_Flatten(self, node: onnx.NodeProto, tracked_in: list[str]) -> bool:
-        if not tracked_in:
-            return True
         x = node.input[0]
         if int(attr(node, "axis", 1)) != 1:
             return False
@@ -386,8 +377,6 @@ class ChannelGraph:
         return True
 
     def _on_Squeeze(self, node: onnx.NodeProto, tracked_in: list[str]) -> bool:
-        if not tracked_in:
-            return True
         x = node.input[0]
         axes = attr(node, "axes")
         if axes is None and len(node.input) > 1 and node.input[1]:
@@ -401,8 +390,6 @@ class ChannelGraph:
     def _on_Reshape(self, node: onnx.NodeProto, tracked_in: list[str]) -> bool:
         """Reshape [N, C, 1, 1] -> [N, C] (a classifier's flatten) only; its constant target is
         rewritten with the kept channel count."""
-        if not tracked_in:
-            return True
         x = node.input[0]
         target = self.index.array(node.input[1]) if len(node.input) > 1 else None
         if tracked_in != [x] or target is None or target.ndim != 1 or target.size != 2 or not self._unit_spatial(x):
@@ -415,8 +402,6 @@ class ChannelGraph:
         return self._lane(node, x, node.output[0], 2, kind="reshape")
 
     def _on_Resize(self, node: onnx.NodeProto, tracked_in: list[str]) -> bool:
-        if not tracked_in:
-            return True
         x = node.input[0]
         if tracked_in != [x]:
             return False

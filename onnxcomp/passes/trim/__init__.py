@@ -50,7 +50,7 @@ import onnx
 from onnxcomp.analysis import layer_costs
 from onnxcomp.channels import ChannelGraph, ChannelGroup, kept_indices
 from onnxcomp.errors import BadInputError
-from onnxcomp.graph import GraphIndex, attr, node_label, read_conv
+from onnxcomp.graph import attr, node_label, read_conv
 from onnxcomp.passes.base import (
     REWRITTEN,
     SKIPPED,
@@ -302,7 +302,7 @@ class TrimPass(Pass):
                 left = c - count[t]
                 if count[t] == 0 or left % cfg.round == 0:
                     continue
-                mine = sorted((g for g in kept if any(s[0] == t for s in g.group.slots)),
+                mine = sorted((g for g in kept if t in g.group.tensors),
                               key=lambda g: (-g.score, -g.group.id))
                 for g in mine:
                     if (c - count[t]) % cfg.round == 0:
@@ -363,7 +363,7 @@ class TrimPass(Pass):
 
     def _records(self, model, cg: ChannelGraph, groups: list[_Group], node_figs: dict, removed: dict,
                  slot_score: dict, held: dict, cfg: TrimConfig, costs: dict) -> list[LayerRecord]:
-        index = GraphIndex(model)
+        index = cg.index
         by_tensor: dict[str, list[_Group]] = defaultdict(list)
         for g in groups:
             for t in g.group.tensors:

@@ -21,29 +21,6 @@ from onnxcomp.errors import BadInputError
 from onnxcomp.runtime import CAPTURE_BUDGET, ChannelStats, run_batches
 
 
-class PositionStats:
-    """Per-position running mean and squared deviations (float64) of [N, C, *spatial] batches,
-    merged with Chan et al.'s formula; `count` is the number of samples."""
-
-    def __init__(self, shape: tuple[int, ...]):
-        self.shape = shape
-        self.mean = np.zeros(shape)
-        self.m2 = np.zeros(shape)
-        self.count = 0
-
-    def update(self, x: np.ndarray, chunk: int = 16) -> None:
-        for start in range(0, x.shape[0], chunk):
-            block = x[start : start + chunk].astype(np.float64)
-            n = block.shape[0]
-            b_mean = block.mean(axis=0)
-            b_m2 = ((block - b_mean) ** 2).sum(axis=0)
-            tot = self.count + n
-            delta = b_mean - self.mean
-            self.mean += delta * (n / tot)
-            self.m2 += b_m2 + delta**2 * (self.count * n / tot)
-            self.count = tot
-
-
 @dataclass
 class Locality:
     """The measured locality of one tensor's channels.
@@ -75,7 +52,7 @@ def measure(model: onnx.ModelProto, source: Any, tensors: Sequence[str], per_pos
     """Locality of every tensor in `tensors` (channel axis 1) over at most `max_samples` samples of
     `source`, in one run of the model. BadInputError when the source yields nothing."""
     names = list(dict.fromkeys(tensors))
-    pos: dict[str, PositionStats] = {}
+    pos: dict[str, tuple[tuple[int, ...], ChannelStats]] = {}
     chan: dict[str, ChannelStats] = {}
     seen = 0
     for _, values, _ in run_batches(model, source, names, max_batches=max_batches, max_bytes=CAPTURE_BUDGET):
@@ -88,10 +65,11 @@ def measure(model: onnx.ModelProto, source: Any, tensors: Sequence[str], per_pos
             n = take
             x = x[:take]
             if per_position.get(name) and x.ndim > 2:
-                stats = pos.setdefault(name, PositionStats(x.shape[1:]))
-                if x.shape[1:] != stats.shape:  # the data changed size: the model's dims were not static after all
-                    raise BadInputError(f"tensor '{name}' changed shape between batches ({stats.shape} -> {x.shape[1:]})")
-                stats.update(x)
+                # every (channel, position) is a column of its own: the same running moments, per position
+                shape = pos.setdefault(name, (x.shape[1:], ChannelStats.empty(int(np.prod(x.shape[1:])))))[0]
+                if x.shape[1:] != shape:  # the data changed size: the model's dims were not static after all
+                    raise BadInputError(f"tensor '{name}' changed shape between batches ({shape} -> {x.shape[1:]})")
+                pos[name][1].update(x.reshape(x.shape[0], -1), 1)
             else:
                 chan.setdefault(name, ChannelStats.empty(x.shape[1])).update(x, 1)
         del values
@@ -101,12 +79,11 @@ def measure(model: onnx.ModelProto, source: Any, tensors: Sequence[str], per_pos
     if seen == 0:
         raise BadInputError("trim: the calibration data yielded no samples")
     out: dict[str, Locality] = {}
-    for name, s in pos.items():
-        var = s.m2 / max(s.count, 1)
-        c = s.shape[0]
-        residual = np.sqrt(var.reshape(c, -1).mean(axis=1))
-        rms = float(np.sqrt((var + s.mean**2).mean()))
-        out[name] = Locality(s.mean, residual, rms, s.count, True)
+    for name, (shape, ps) in pos.items():
+        var, mean = ps.var.reshape(shape), ps.mean.reshape(shape)
+        residual = np.sqrt(var.reshape(shape[0], -1).mean(axis=1))
+        rms = float(np.sqrt((var + mean**2).mean()))
+        out[name] = Locality(mean, residual, rms, int(ps.count[0]), True)
     for name, cs in chan.items():
         rms = float(np.sqrt((cs.var + cs.mean**2).mean()))
         out[name] = Locality(cs.mean.copy(), cs.std, rms, seen, False)

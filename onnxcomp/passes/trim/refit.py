@@ -79,7 +79,7 @@ def refit(original: onnx.ModelProto, trimmed: onnx.ModelProto, cg: ChannelGraph,
         _accumulate_all(original, outs, targets, maps, data, rows, rng_for, max_batches)
         ed = GraphEditor(current)
         for t in targets:
-            figures[t.name] = _solve(t, GraphIndex(current), ed)
+            figures[t.name] = _solve(t, index, ed)
         current = ed.apply() if ed.changed else current
         return current, figures
     for t in targets:  # sequential: graph order, each layer against what the refit model feeds it

@@ -104,7 +104,7 @@ def _new_node(node: onnx.NodeProto, inputs: list[str], **overrides) -> onnx.Node
     return out
 
 
-def _sink_parts(e: NodeEdit, cg: ChannelGraph, keep, removed, localities) -> tuple[np.ndarray, np.ndarray, Locality]:
+def _sink_parts(e: NodeEdit, keep, removed, localities) -> tuple[np.ndarray, np.ndarray, Locality]:
     assert e.sink is not None
     t = e.sink.tensor
     return np.asarray(removed[t], dtype=np.int64), keep[t], localities[t]
@@ -121,7 +121,7 @@ def _conv(ed: GraphEditor, cg: ChannelGraph, e: NodeEdit, keep, removed, localit
     inputs = list(node.input) + [""] * (3 - len(node.input))
     w_r = fold = None
     if e.sink is not None:
-        R, kept_cols, loc = _sink_parts(e, cg, keep, removed, localities)
+        R, kept_cols, loc = _sink_parts(e, keep, removed, localities)
         w_r, w = w[:, R].astype(np.float64), w[:, kept_cols]
         fold = loc.channel_fold(R)
         e.figures["in_channels"] = conv.in_channels
@@ -206,7 +206,7 @@ def _dense(ed: GraphEditor, cg: ChannelGraph, e: NodeEdit, keep, removed, locali
     beta = float(attr(node, "beta", 1.0)) if gemm else 1.0
     contrib = None
     if e.sink is not None:
-        R, kept_cols, loc = _sink_parts(e, cg, keep, removed, localities)
+        R, kept_cols, loc = _sink_parts(e, keep, removed, localities)
         hw = e.sink.spatial  # input rows per channel (H * W of a flattened map, else 1)
         rows_r = (R[:, None] * hw + np.arange(hw)[None, :]).ravel()
         w_r = np.take(stored, rows_r, axis=in_axis).astype(np.float64)
