@@ -79,14 +79,19 @@ def _check_written(folder, path, out, extra=()):
 def test_a_model_over_2_gb_goes_through_normalize_and_tucker(big, capsys):
     folder, path, _ = big
     out = folder / "tucker.onnx"
-    code = main(["optimize", str(path), "-o", str(out), "-p", "tucker{rank=0.5,round=1,min_gain=-1}", "-q"])
-    stdout, err = capsys.readouterr()
-    assert code == 0, err
-    assert "2.2" in next(line for line in stdout.splitlines() if line.startswith("file bytes"))
-    written = _check_written(folder, path, out)
-    assert "conv/tucker_core" in [n.name for n in written.graph.node]  # decomposed; the 2.2 GB table carried over
-    for f in (out, folder / "tucker.onnx.data"):
-        f.unlink()
+    # objective=macs: this test is about a model over 2 GB, not about which option times faster (a
+    # 30 us layer's Tucker-1 / Tucker-2 / no-rewrite choice under objective=latency depends on the machine)
+    try:
+        code = main(["optimize", str(path), "-o", str(out), "-p", "tucker{rank=0.5,round=1,min_gain=-1,objective=macs}",
+                     "-q"])
+        stdout, err = capsys.readouterr()
+        assert code == 0, err
+        assert "2.2" in next(line for line in stdout.splitlines() if line.startswith("file bytes"))
+        written = _check_written(folder, path, out)
+        assert "conv/tucker_core" in [n.name for n in written.graph.node]  # decomposed; the 2.2 GB table carried over
+    finally:  # the next test checks the folder holds nothing else
+        for f in (out, folder / "tucker.onnx.data"):
+            f.unlink(missing_ok=True)
 
 
 @pytest.mark.slow
@@ -95,8 +100,9 @@ def test_a_model_over_2_gb_goes_through_int8_under_the_guard(big, capsys):
     data = folder / "d.npz"
     np.savez(data, x=np.random.default_rng(0).standard_normal((40, 8, 16, 16)).astype(np.float32))
     out = folder / "int8.onnx"
-    code = main(["optimize", str(path), "-o", str(out), "-p", "int8{samples=16}", "--data", str(data), "-q",
-                 "--no-normalize"])
+    # objective=any: whether int8 times faster on a 30 us layer is the machine's call, not this test's
+    code = main(["optimize", str(path), "-o", str(out), "-p", "int8{samples=16,objective=any}", "--data", str(data),
+                 "-q", "--no-normalize"])
     _, err = capsys.readouterr()
     assert code == 0, err
     written = _check_written(folder, path, out, extra=["d.npz"])
