@@ -26,7 +26,7 @@ import onnx
 from onnx import helper
 
 from onnxcomp import costs
-from onnxcomp.graph import GraphIndex, attr, node_label
+from onnxcomp.graph import GraphIndex, attr, function_key, node_label
 from onnxcomp.shapes import check_input_shapes, static_shapes
 from onnxcomp.sizes import serialized_bytes
 
@@ -146,7 +146,7 @@ class CostContext:
         self.index = GraphIndex(model)
         self.input_shapes = input_shapes or {}
         self.shapes = static_shapes(model, input_shapes)
-        self.functions = {(f.domain, f.name): f for f in model.functions}
+        self.functions = {function_key(f): f for f in model.functions}
         self._cones: dict[str, tuple[tuple[str, ...], tuple[str, ...]] | None] = {}
         self._elem_types: dict[str, int] | None = None
 
@@ -407,7 +407,7 @@ def _body_op_macs(node: onnx.NodeProto, shape) -> int | None:
 def _function_cost(ctx: CostContext, node: onnx.NodeProto) -> LayerCost:
     label = node_label(node)
     op = f"{node.domain}.{node.op_type}" if node.domain else node.op_type
-    fn = ctx.functions.get((node.domain, node.op_type))
+    fn = ctx.functions.get(function_key(node))
     const_inputs = [i for i in node.input if i and ctx.const_cone(i) is not None]
     params, bits = _params_bits(ctx, const_inputs)
     body_consts = 0
@@ -477,7 +477,7 @@ def node_cost(ctx: CostContext, node: onnx.NodeProto) -> LayerCost | None:
         if node.op_type in ("Gemm", "MatMul"):
             return _dense_cost(ctx, node)
         return None
-    if (node.domain, node.op_type) in ctx.functions:
+    if function_key(node) in ctx.functions:
         return _function_cost(ctx, node)
     return None
 

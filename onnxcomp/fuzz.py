@@ -234,6 +234,10 @@ PIPELINES: list[tuple[str, bool, tuple[str, ...], bool]] = [
     # trimming: only exactly constant channels (exact), and by a MAC target (the reported error recomputed)
     ("trim{threshold=0,round=1}", True, (), True),
     ("trim{target=0.3,round=1,min_channels=1},codebook{bits=4,min_params=16}", True, ("--no-guard", "--validate"), False),
+    # Winograd: dense F(4,3) and F(2,3) there and back are exact; joint sparsity's reported error recomputed
+    ("winograd{objective=macs,tile=4}", False, (), True),
+    ("winograd{objective=macs,tile=2},winograd-to-spatial", False, (), True),
+    ("winograd{objective=macs,sparsity=0.5:0.5}", True, ("--no-guard", "--validate"), False),
 ]
 
 
@@ -343,13 +347,17 @@ def check_graph(graph: Graph, folder: Path, seed: int,
     return runs
 
 
-def fuzz(count: int, seed: int, pipelines=None, progress=None) -> list[tuple[Graph, list[Run]]]:
-    """`count` random graphs from `seed`, each checked with `check_graph`."""
+def fuzz(count: int, seed: int, pipelines=None, progress=None, per_graph: int | None = None) -> list[tuple[Graph, list[Run]]]:
+    """`count` random graphs from `seed`, each checked with `check_graph` on every pipeline, or
+    with `per_graph` on a window of that many that rotates over the list (graph i starts at
+    pipeline i * per_graph), so a short run still gives every pipeline count * per_graph / len graphs."""
     results = []
+    specs = list(pipelines or PIPELINES)
     for i in range(count):
         graph = random_graph(np.random.default_rng([seed, i]))
+        chosen = specs if per_graph is None else [specs[(i * per_graph + k) % len(specs)] for k in range(per_graph)]
         with tempfile.TemporaryDirectory(prefix="onnxcomp-fuzz-") as tmp:
-            results.append((graph, check_graph(graph, Path(tmp), seed=i, pipelines=pipelines)))
+            results.append((graph, check_graph(graph, Path(tmp), seed=i, pipelines=chosen)))
         if progress is not None:
             progress(i + 1, count)
     return results

@@ -276,8 +276,9 @@ class GraphEditor:
         self._remove.add(self._position(node))
 
     def add_function(self, fn: onnx.FunctionProto, opset_version: int = 1) -> None:
-        """Register a model-local function (custom-domain op with a standard-op body)."""
-        if all((f.domain, f.name) != (fn.domain, fn.name) for f in self._functions):
+        """Register a model-local function (custom-domain op with a standard-op body); one per
+        (domain, name, overload): a second registration of the same identity is ignored."""
+        if all(function_key(f) != function_key(fn) for f in self._functions):
             self._functions.append(fn)
         self._opsets[fn.domain] = opset_version
 
@@ -323,8 +324,10 @@ class GraphEditor:
             del g.input[:]
             g.input.extend(keep)
         for fn in self._functions:
-            if all((f.domain, f.name) != (fn.domain, fn.name) for f in out.functions):
+            if all(function_key(f) != function_key(fn) for f in out.functions):
                 out.functions.append(fn)
+        if any(fn.overload for fn in out.functions):
+            out.ir_version = max(out.ir_version, 10)  # function overloads arrived in IR 10
         for domain, version in self._opsets.items():
             if all(o.domain != domain for o in out.opset_import):
                 out.opset_import.append(helper.make_opsetid(domain, version))
@@ -332,6 +335,41 @@ class GraphEditor:
         # Old shape annotations may be stale for rewritten tensors: keep only graph I/O shapes.
         del g.value_info[:]
         return out
+
+
+def function_key(obj: onnx.FunctionProto | onnx.NodeProto) -> tuple[str, str, str]:
+    """(domain, name, overload) of a model-local function, or of the function a node calls."""
+    name = obj.name if isinstance(obj, onnx.FunctionProto) else obj.op_type
+    return obj.domain, name, obj.overload
+
+
+def drop_unused_functions(model: onnx.ModelProto) -> int:
+    """Remove (in place) model-local functions no main-graph node calls, and the opset imports of
+    custom domains nothing uses any more. Returns how many functions went."""
+    by_key = {function_key(f): f for f in model.functions}
+    graph_nodes = list(model.graph.node)
+    graphs = [g for n in model.graph.node for g in _subgraphs(n)]
+    while graphs:  # nodes of If/Loop/Scan bodies, at any depth
+        g = graphs.pop()
+        graph_nodes.extend(g.node)
+        graphs.extend(sg for n in g.node for sg in _subgraphs(n))
+    stack = list(graph_nodes)
+    called: set = set()
+    while stack:  # and the functions those functions call
+        key = function_key(stack.pop())
+        if key in by_key and key not in called:
+            called.add(key)
+            stack.extend(by_key[key].node)
+    keep = [f for f in model.functions if function_key(f) in called]
+    gone = len(model.functions) - len(keep)
+    if gone:
+        del model.functions[:]
+        model.functions.extend(keep)
+    used_domains = {n.domain for n in graph_nodes} | {n.domain for f in keep for n in f.node} | {f.domain for f in keep}
+    stale = [o for o in model.opset_import if o.domain not in ("", "ai.onnx") and o.domain not in used_domains]
+    for o in stale:
+        model.opset_import.remove(o)
+    return gone
 
 
 def _repeated(fd) -> bool:

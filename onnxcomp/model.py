@@ -82,6 +82,19 @@ def runtime_compatible(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def convert_opset(model: onnx.ModelProto, opset: int, purpose: str) -> tuple[onnx.ModelProto, str]:
+    """`model` at default-domain `opset` (onnx's version converter, then its checker), or `model`
+    itself with the reason it stays; the note says which, and for what (`purpose`)."""
+    from onnxcomp.graph import opset_version
+
+    try:
+        out = onnx.version_converter.convert_version(model, opset)
+        onnx.checker.check_model(out)
+        return out, f"converted from opset {opset_version(model)} to {opset} for {purpose}"
+    except Exception as exc:  # the converter lacks adapters for some ops
+        return model, f"opset {opset_version(model)} kept: conversion to {opset} failed ({first_line(exc, 120)})"
+
+
 def model_bytes(model: onnx.ModelProto) -> bytes:
     """Deterministic serialization (used for saving and for byte-identical checks)."""
     return model.SerializeToString(deterministic=True)

@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxcomp.graph import function_key
+
 UNIT_VERSION = 1
 # Ops onnxruntime folds into the weighted op before them (Conv+BN, Conv+Add(bias), Conv+activation,
 # Conv+Add(residual)+Relu in the NCHWc layout); a unit takes them along so it times what runs.
@@ -172,7 +174,7 @@ class UnitCutter:
                 for o in n.output:
                     self.constant[o] = n
         self.opsets = {(o.domain or ""): o.version for o in model.opset_import}
-        self.local = {(f.domain, f.name): f for f in model.functions}
+        self.local = {function_key(f): f for f in model.functions}
 
     def cut(self, chain: Sequence[onnx.NodeProto], values: dict[str, np.ndarray], macs: dict[str, int] | None = None) -> Unit:
         from onnxcomp.graph import node_label
@@ -215,7 +217,7 @@ class UnitCutter:
                     feeds[i] = v
                 else:
                     problem = problem or f"input '{i}' has no known value at these shapes"
-            if c.domain not in _STANDARD_DOMAINS and (c.domain, c.op_type) not in self.local:
+            if c.domain not in _STANDARD_DOMAINS and function_key(c) not in self.local:
                 problem = problem or f"custom op {c.domain}.{c.op_type} has no body to run alone"
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in c.attribute):
                 problem = problem or f"{c.op_type} has subgraphs (control flow is not timed alone)"
@@ -223,7 +225,7 @@ class UnitCutter:
                 if o and (o in self.graph_outputs or any(id(u) not in members for u in self.consumers.get(o, [])))]
         if not outs:
             outs = [chain[-1].output[0]]
-        funcs = [self.local[(c.domain, c.op_type)] for c in chain if (c.domain, c.op_type) in self.local]
+        funcs = list({function_key(c): self.local[function_key(c)] for c in chain if function_key(c) in self.local}.values())
         nbytes = sum(v.nbytes for v in feeds.values()) + sum(int(values[o].nbytes) for o in outs if o in values)
         for c in consts.values():
             dims, et = (tuple(c.dims), c.data_type) if isinstance(c, onnx.TensorProto) else c

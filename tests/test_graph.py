@@ -37,3 +37,26 @@ def test_dropping_an_initializer_drops_its_graph_input_entry():
     # an unused initializer that is not a graph input goes too; the count is returned
     out.graph.initializer.add().CopyFrom(numpy_helper.from_array(np.zeros(3, np.float32), "dead"))
     assert remove_unused_initializers(out) == 1 and [i.name for i in out.graph.input] == ["x"]
+
+
+def test_drop_unused_functions_keeps_what_is_called_at_any_depth():
+    from onnx import TensorProto, helper
+
+    from onnxcomp.graph import drop_unused_functions
+
+    def fn(domain, name, body_op, body_domain=""):
+        return helper.make_function(domain, name, ["X"], ["Y"], [helper.make_node(body_op, ["X"], ["Y"], domain=body_domain)],
+                                    [helper.make_opsetid("", 17), helper.make_opsetid("inner", 1)])
+
+    outer = fn("outer", "Outer", "Inner", "inner")  # calls a function of another domain
+    inner = fn("inner", "Inner", "Relu")
+    unused = fn("gone", "Unused", "Relu")
+    g = helper.make_graph([helper.make_node("Outer", ["x"], ["y"], domain="outer")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    m = helper.make_model(g, functions=[outer, inner, unused], opset_imports=[
+        helper.make_opsetid("", 17), helper.make_opsetid("outer", 1), helper.make_opsetid("inner", 1),
+        helper.make_opsetid("gone", 1)])
+    assert drop_unused_functions(m) == 1
+    assert [f.name for f in m.functions] == ["Outer", "Inner"]
+    assert {o.domain for o in m.opset_import} == {"", "outer", "inner"}

@@ -22,6 +22,8 @@ REWRITING = {
     "int8": "samples=16,calibrate=minmax,objective=any",
     "codebook": "bits=3,granularity=channel,min_params=16,storage=packed",
     "trim": "target=0.3,round=1,samples=16,metric=share",
+    "winograd": "objective=macs,tile=2,sparsity=0.3:0.2,rounds=3",
+    "uquant": "bits=4,min_params=16,seed=3",
 }
 BUILTIN = sorted(n for n, cls in registered_passes().items() if cls.__module__.startswith("onnxcomp.passes."))
 

@@ -15,7 +15,8 @@ import sys
 
 from onnxcomp.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, OnnxcompError, first_line
 
-VERBS = ["optimize", "passes", "zoo", "validate", "sensitivity", "bench", "inspect", "profile"]
+VERBS = ["optimize", "search", "passes", "zoo", "validate", "sensitivity", "bench", "inspect", "profile", "pack",
+         "unpack"]
 
 
 class _Parser(argparse.ArgumentParser):

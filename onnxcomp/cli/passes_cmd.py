@@ -40,6 +40,7 @@ def describe_passes() -> list[dict]:
                 "help": f.metadata.get("help", ""),
                 "choices": list(f.metadata.get("choices", ())),
                 "common": f.name in common,
+                "search": _jsonable(f.metadata.get("search")),
             })
         out.append({"name": name, "summary": cls.summary, "ops": list(cls.default_ops),
                     "needs_data": cls.needs_data, "options": opts})
@@ -68,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
             if o["common"]:
                 continue
             choices = f" ({'|'.join(o['choices'])})" if o["choices"] else ""
-            print(f"  {o['name']}={o['default']!s} ({o['type']}){choices}  {o['help']}")
+            searched = f"  [searched: {o['search']}]" if o["search"] is not None else ""
+            print(f"  {o['name']}={o['default']!s} ({o['type']}){choices}  {o['help']}{searched}")
         print()
     print("every pass also takes include=REGEX, exclude=REGEX and ops=A|B to choose layers")
+    print("`onnxcomp search` without --space searches the [searched] options; each such pass is optional in a "
+          "trial, in the order trim, tucker, winograd, codebook, int8, uquant")
     return 0

@@ -27,11 +27,15 @@ REWRITTEN = "rewritten"
 SKIPPED = "skipped"
 
 
-def option(default: Any, help: str, choices: Iterable[str] | None = None) -> Any:
-    """Declare a config field with its one-line help (and optional allowed values)."""
-    meta = {"help": help}
+def option(default: Any, help: str, choices: Iterable[str] | None = None, search: Any = None) -> Any:
+    """Declare a config field with its one-line help (and optional allowed values). `search` is the
+    option's domain in the default search space (`onnxcomp.search.space`): a list of values or a
+    {low, high[, step]} range; options without one are not searched by default."""
+    meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    if search is not None:
+        meta["search"] = search
     return field(default=default, metadata=meta)
 
 

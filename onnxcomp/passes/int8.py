@@ -42,7 +42,8 @@ _NET_SHARE = 0.25
 @dataclass
 class Int8Config(PassConfig):
     per_channel: bool = option(True, "one scale per output channel for weights (needs opset >= 13; bumped if lower)")
-    calibrate: str = option("minmax", "activation range estimator", choices=("minmax", "entropy", "percentile"))
+    calibrate: str = option("minmax", "activation range estimator", choices=("minmax", "entropy", "percentile"),
+                            search=["minmax", "percentile"])
     samples: int = option(64, "calibration samples taken from --data")
     activations: str = option("uint8", "activation type (uint8 is what x86 int8 kernels prefer)", choices=("uint8", "int8"))
     objective: str = option("latency", "latency: a layer whose int8 kernel is measured no faster than its float "

@@ -34,6 +34,7 @@ import onnx
 from onnxcomp.errors import BadInputError
 from onnxcomp.graph import GraphEditor, GraphIndex, attr, node_label, opset_version
 from onnxcomp.linalg import bitpack, kmeans
+from onnxcomp.model import convert_opset
 from onnxcomp.passes.base import (
     REWRITTEN,
     SKIPPED,
@@ -54,7 +55,8 @@ class CodebookConfig(PassConfig):
     bits: int = option(0, "index bits for every layer, K = 2^bits (1..8); 0: per-layer bits meeting avg_bits")
     k: int = option(0, "centroids per codebook for every layer (2..256; overrides bits)")
     avg_bits: float = option(4.0, "with bits=0 and k=0: average bits per weight over the selected layers (a layer "
-                             "kept float counts 32), spent where the measured sensitivity per byte saved is lowest")
+                             "kept float counts 32), spent where the measured sensitivity per byte saved is lowest",
+                             search=[6.0, 5.0, 4.0, 3.0])
     min_bits: int = option(2, "fewest bits a layer may get under avg_bits")
     max_bits: int = option(8, "most bits a layer may get under avg_bits")
     granularity: str = option("tensor", "one codebook per tensor | channel (output channel) | group:<n> output channels")
@@ -220,7 +222,7 @@ class CodebookPass(Pass):
             need = max((decode.NATIVE_OPSET[decode.index_bits(p.k)] for p in plans
                         if p.k and decode.index_bits(p.k) in decode.NATIVE_OPSET), default=0)
             if need > opset:
-                converted, note = _converted(model, need)
+                converted, note = convert_opset(model, need, "sub-byte indices")
                 by_name = {node_label(n): n for n in converted.graph.node}
                 if converted is not model and all(p.name in by_name for p in plans):
                     out_model, opset = converted, opset_version(converted)
@@ -462,13 +464,3 @@ def _with_weight(model: onnx.ModelProto, p: _Plan, weight: np.ndarray) -> onnx.M
             t.CopyFrom(numpy_helper.from_array(weight.astype(np.float32), t.name))
             break
     return out
-
-
-def _converted(model: onnx.ModelProto, opset: int) -> tuple[onnx.ModelProto, str]:
-    """`model` at `opset` (onnx's version converter), or itself with the reason it stays."""
-    try:
-        out = onnx.version_converter.convert_version(model, opset)
-        onnx.checker.check_model(out)
-        return out, f"converted from opset {opset_version(model)} to {opset} for sub-byte indices"
-    except Exception as exc:  # the converter lacks adapters for some ops; the layers fall back to packed
-        return model, f"opset {opset_version(model)} kept: conversion to {opset} failed ({str(exc).splitlines()[0][:120]})"

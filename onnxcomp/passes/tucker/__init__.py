@@ -155,7 +155,8 @@ class TuckerConfig(PassConfig):
                         "original inputs) | sequential (in graph order, to the inputs it receives in the "
                         "compressed model, targets from the original) | off")
     budget: str = option("", "global target macs:<f> (the model's MACs fall to f) or latency:<f> (its measured "
-                         "onnxruntime time falls to f, from per-layer timings): per-layer ranks (overrides rank)")
+                         "onnxruntime time falls to f, from per-layer timings): per-layer ranks (overrides rank)",
+                         search=["macs:0.85", "macs:0.7", "macs:0.5"])
     objective: str = option("latency", "what a rewrite must save: latency (each layer's options timed alone in "
                             "onnxruntime on this machine by the cost model; the fastest within the rank rule's "
                             "error is kept, a layer no faster is left alone) | macs", choices=("latency", "macs"))

@@ -1,0 +1,239 @@
+"""The Winograd form against onnxruntime's own Conv: per layer, whole model, joint sparsity.
+
+Part `speed` (zoo vgg16 and resnet18, 224x224, batch 1, 2 threads, onnxruntime's CPU provider):
+* per eligible layer: the p50 latency of the direct Conv (with its Relu, which onnxruntime fuses) and
+  of WinogradConv F(2,3) / F(4,3) (with the Relu apart), each built alone and run interleaved (the
+  pass's own cost model with a fresh cache and 0.4 s per unit), the multiplications per image, and
+  the max error of the layer's output in the all-F(2,3) / all-F(4,3) models relative to its max;
+* whole models, interleaved in one process (p50 of >= 15 runs each): the original, the pass's
+  per-layer choice (`winograd`, objective=latency), every eligible layer at F(4,3), every one at
+  F(2,3); and the same for the conv stack alone (the model cut before its classifier).
+
+Part `pack`: `uquant{bits=4}` (a 4-bit-equivalent universal quantization) of zoo vgg16, then
+`onnxcomp pack` with lzma and zstd: bytes against the fp32 .onnx file, the codes' entropy bound,
+and the same after `winograd{objective=macs,tile=2,sparsity=0.5:0.5}` (the jointly sparse model, its
+Winograd weights stored, 1.78x as many conv weights, half of them zero).
+
+Part `sparsity`: `winograd{objective=macs,tile=T,sparsity=S:W}` without retraining, on zoo resnet18
+(output cosine against the original on 16 random images) and on the trained glyph_resnet (top-1 on
+its 62-class test set, 1000 images), with the achieved sparsities and the multiplications each
+platform needs when it skips zeros; the guarded `optimize` (which puts back the layers that break
+the tolerance) for the trained model.
+
+    python benchmarks/winograd.py [--part speed|sparsity|pack|all] [--models vgg16,resnet18] [--out benchmarks/out/winograd.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def _run(model, feeds, outputs=()):
+    import onnxruntime as ort
+    from onnx import helper
+
+    if outputs:
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        have = {o.name for o in work.graph.output}
+        work.graph.output.extend(helper.make_empty_tensor_value_info(o) for o in outputs if o not in have)
+        model = work
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds), strict=True))
+
+
+def _conv_stack(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model up to its last tensor before Flatten / GlobalAveragePool (the conv stack)."""
+    from onnx import helper
+
+    from onnxcomp.graph import remove_unused_initializers
+
+    cut = next(n for n in model.graph.node if n.op_type in ("Flatten", "GlobalAveragePool")).input[0]
+    producers = {o: n for n in model.graph.node for o in n.output}
+    keep, todo = set(), [cut]
+    while todo:
+        node = producers.get(todo.pop())
+        if node is not None and id(node) not in keep:
+            keep.add(id(node))
+            todo.extend(node.input)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = [n for n in model.graph.node if id(n) in keep]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    del out.graph.output[:]
+    out.graph.output.append(helper.make_empty_tensor_value_info(cut))
+    remove_unused_initializers(out)
+    return out
+
+
+def speed(names: list[str], lines: list[str]) -> None:
+    from onnxcomp import zoo
+    from onnxcomp.costmodel import CostModel
+    from onnxcomp.passes import REWRITTEN, Context, get_pass
+
+    for arch in names:
+        t0 = time.perf_counter()
+        base = get_pass("normalize")().run(zoo.build(arch), Context()).model
+        feeds = {"input": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+        costs = CostModel(cache=False, target_ms=400.0)
+        chosen = get_pass("winograd")().run(base, Context(cost_model=costs))
+        dense = {m: get_pass("winograd")(objective="macs", tile=str(m)).run(base, Context()) for m in (2, 4)}
+        outs = [r.output for r in dense[4].layers if r.action == REWRITTEN]
+        ref = _run(base, feeds, outs)
+        err = {m: _run(dense[m].model, feeds, outs) for m in (2, 4)}
+        lines += [f"## {arch}: per layer (224x224, batch 1, 2 threads)", "",
+                  "| layer | C_in -> C_out @ HxW | direct ms | F(2,3) ms | F(4,3) ms | best speed-up | chosen | "
+                  "multiplications direct / F(4,3) products | F(2,3) err | F(4,3) err |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        shapes = {}
+        from onnxcomp.shapes import static_shapes
+        shapes = static_shapes(base)
+        conv_w = {t.name: tuple(t.dims) for t in base.graph.initializer}
+        by_name = {n.name: n for n in base.graph.node}
+        for rec in chosen.layers:
+            lat = rec.figures.get("latency")
+            if not lat:
+                continue
+            node = by_name[rec.node]
+            co, ci = conv_w[node.input[1]][:2]
+            h = shapes[node.input[0]][2]
+            d4 = next(r for r in dense[4].layers if r.node == rec.node)
+            mult = d4.figures["multiplications"]
+            r = rec.output
+            e2 = np.abs(err[2][r] - ref[r]).max() / np.abs(ref[r]).max()
+            e4 = np.abs(err[4][r] - ref[r]).max() / np.abs(ref[r]).max()
+            pick = f"F({rec.figures['tile']},3)" if rec.action == REWRITTEN else "direct"
+            lines.append(f"| {rec.node} | {ci} -> {co} @ {h} | {lat['direct_ms']:.3f} | {lat['F2_ms']:.3f} | "
+                         f"{lat['F4_ms']:.3f} | {lat['speedup']:.2f}x | {pick} | {mult['direct'] / 1e6:.0f}M / "
+                         f"{mult['products'] / 1e6:.0f}M | {e2:.1e} | {e4:.1e} |")
+        lines.append("")
+        variants = {"original": base, "winograd (per-layer choice)": chosen.model,
+                    "all eligible F(4,3)": dense[4].model, "all eligible F(2,3)": dense[2].model}
+        for label, models in (("whole model", variants),
+                              ("conv stack", {k: _conv_stack(v) for k, v in variants.items()})):
+            est = costs.time_models(list(models.values()), feeds, min_runs=15, target_ms=4000.0)
+            lines += [f"### {arch}: {label}, interleaved", "", "| model | p50 ms | speed-up vs original | spread |",
+                      "|---|---|---|---|"]
+            for (k, _), e in zip(models.items(), est, strict=True):
+                lines.append(f"| {k} | {e.ms:.2f} | {est[0].ms / e.ms:.3f}x | {e.spread:.1%} |")
+            lines.append("")
+        n_rw = sum(1 for r in chosen.layers if r.action == REWRITTEN)
+        lines.append(f"{arch}: the pass chose Winograd for {n_rw} of {len(outs)} eligible layers "
+                     f"({time.perf_counter() - t0:.0f} s for this model).")
+        lines.append("")
+        print("\n".join(lines[-40:]), flush=True)
+
+
+def sparsity(lines: list[str]) -> None:
+    from onnxcomp import evaldata, zoo
+    from onnxcomp.passes import Context, get_pass
+
+    lines += ["## joint sparsity without retraining", "",
+              "| model | setting | achieved spatial / Winograd | multiplications skipped spatial / Winograd | score |",
+              "|---|---|---|---|---|"]
+    r18 = get_pass("normalize")().run(zoo.build("resnet18"), Context()).model
+    x = np.random.default_rng(1).standard_normal((16, 3, 224, 224)).astype(np.float32)
+    ref = _run(r18, {"input": x})
+    ref = next(iter(ref.values()))
+    for tile, s in (("2", "0.5:0.5"), ("4", "0.5:0.5"), ("2", "0.3:0.3")):
+        res = get_pass("winograd")(objective="macs", tile=tile, sparsity=s).run(r18, Context())
+        got = next(iter(_run(res.model, {"input": x}).values()))
+        cos = float(np.sum(ref * got) / (np.linalg.norm(ref) * np.linalg.norm(got)))
+        lines.append(_sparsity_row("zoo resnet18", tile, s, res, f"output cosine {cos:.4f} (16 random images)"))
+    glyph = onnx.load(str(ROOT / "models" / "glyph_resnet.onnx"))
+    glyph = get_pass("normalize")().run(glyph, Context()).model
+    xt, yt = evaldata.glyph_dataset("test", "all", n=1000)
+    def top1(m):
+        out = next(iter(_run(m, {m.graph.input[0].name: xt}).values()))
+        return float(np.mean(out.argmax(1) == yt))
+    lines.append(f"| glyph_resnet | original | - | - | top-1 {top1(glyph):.2%} |")
+    for tile, s in (("2", "0.5:0.5"), ("2", "0.3:0.3"), ("4", "0.3:0.3")):
+        res = get_pass("winograd")(objective="macs", tile=tile, sparsity=s).run(glyph, Context())
+        lines.append(_sparsity_row("glyph_resnet", tile, s, res, f"top-1 {top1(res.model):.2%}"))
+    lines.append("")
+    print("\n".join(lines[-12:]), flush=True)
+
+
+def pack_part(lines: list[str]) -> None:
+    from onnxcomp import zoo
+    from onnxcomp.container import pack
+    from onnxcomp.model import model_bytes
+    from onnxcomp.passes import Context, get_pass
+
+    def run(model, spec):
+        for name, opts in spec:
+            model = get_pass(name)(**opts).run(model, Context()).model
+        return model
+
+    joint = ("winograd", {"objective": "macs", "tile": "2", "sparsity": "0.5:0.5"})
+    q4 = ("uquant", {"bits": 4})
+    variants = [("uquant{bits=4}", [q4], ("lzma", "zstd")),
+                ("winograd F(2,3) 0.5:0.5, uquant{bits=4} (Winograd weights stored)", [joint, q4], ("lzma",)),
+                ("winograd F(2,3) 0.5:0.5, winograd-to-spatial, uquant{bits=4} (spatial weights stored)",
+                 [joint, ("winograd-to-spatial", {}), q4], ("lzma",))]
+    lines += ["## pack: universal quantization + lossless coding (zoo vgg16)", "",
+              "| model | part | fp32 .onnx bytes | coder | packed bytes | ratio | entropy bound of the codes | seconds |",
+              "|---|---|---|---|---|---|---|---|"]
+    whole = get_pass("normalize")().run(zoo.build("vgg16"), Context()).model
+    for part, base in (("whole model", whole), ("conv stack", _conv_stack(whole))):
+        fp32 = len(model_bytes(base))
+        for label, spec, coders in variants:
+            q = run(base, spec)
+            for coder in coders:
+                t0 = time.perf_counter()
+                blob, stats = pack(q, coder)
+                lines.append(f"| {label} | {part} | {fp32:,} | {coder} | {len(blob):,} | {fp32 / len(blob):.2f}x | "
+                             f"{stats.entropy_bytes:,} | {time.perf_counter() - t0:.1f} |")
+                print(lines[-1], flush=True)
+    lines.append("")
+
+
+def _sparsity_row(name, tile, setting, res, score):
+    tot = res.figures.get("sparsity", {})
+    recs = [r for r in res.layers if "sparsity" in r.figures]
+    s = np.mean([r.figures["sparsity"]["spatial"] for r in recs]) if recs else 0.0
+    w = np.mean([r.figures["sparsity"]["winograd"] for r in recs]) if recs else 0.0
+    return (f"| {name} | F({tile},3) {setting} | {s:.2f} / {w:.2f} ({len(recs)} layers) | "
+            f"{tot.get('spatial_skipped', 0):.1%} / {tot.get('winograd_skipped', 0):.1%} | {score} |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=("speed", "sparsity", "pack", "all"), default="all")
+    ap.add_argument("--models", default="vgg16,resnet18")
+    ap.add_argument("--out", default=str(HERE / "out" / "winograd.md"))
+    args = ap.parse_args()
+    import onnxruntime as ort
+
+    from onnxcomp.costmodel import machine
+
+    mach = machine()
+    lines = ["# Winograd form vs onnxruntime's Conv", "",
+             f"onnxruntime {ort.__version__}, {mach['cpu']} ({', '.join(mach['isa'])}), 2 threads; "
+             f"`python benchmarks/winograd.py --part {args.part}`", ""]
+    if args.part in ("speed", "all"):
+        speed([m for m in args.models.split(",") if m], lines)
+    if args.part in ("sparsity", "all"):
+        sparsity(lines)
+    if args.part in ("pack", "all"):
+        pack_part(lines)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""The `ai.onnxcomp.WinogradConv` op: its standard-op body (a model-local function) and its calls.
+
+`WinogradConv(X, U, K, A[, B]) -> Y` is a 3x3, stride-1, dilation-1, group-1 convolution with
+explicit `pads` whose weights are stored pre-transformed, U = G g G^T as [a*a, C_out, C_in]
+(a = m + 2 for output tile m). K is the input transform as a [a*a, 1, a, a] correlation kernel and
+A = kron(A^T, A^T) [m*m, a*a] the output transform (shared by every layer of one tile size). A
+runtime with a native kernel may implement the op from `tile`, `pads`, U and B alone; the other
+attributes (`grid_pads`, `tile_strides`, `tile_shape`, `product_shape`, `block_shape`, `crop`)
+describe the layout the body uses at the layer's input size, and `points` the interpolation points
+U was made with. Overloads: "" (plain), "bias" (B [C_out] added), "crop" (the tile grid overhangs
+the output: sliced to `crop` = [H_out, W_out]), "bias_crop".
+
+Body, as measured fastest in onnxruntime (what won and lost is in DESIGN.md): channels become the
+batch (Reshape [N*C, 1, H, W]), the input transform is one stride-m Conv with kernel K (onnxruntime
+runs it in its blocked layout), Reshape [N, C, a*a, P] and a Transpose to [N, a*a, C, P] (innermost
+axis kept), the products one batched MatMul with U as the constant *left* operand, the output
+transform one MatMul by A, Reshape [N, m*m*C_out, T_h, T_w] and DepthToSpace(m, DCR).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+from onnx import helper
+
+DOMAIN = "ai.onnxcomp"
+OP = "WinogradConv"
+DOMAIN_VERSION = 1
+MIN_OPSET = 13  # Constant(value_ints) and the opset-13 forms of Reshape/Slice/DepthToSpace in the body
+_INTS, _INT, _FLOATS = onnx.AttributeProto.INTS, onnx.AttributeProto.INT, onnx.AttributeProto.FLOATS
+_LAYOUT_ATTRS = ("grid_pads", "tile_strides", "tile_shape", "product_shape", "block_shape")
+
+
+def overload(bias: bool, crop: bool) -> str:
+    return "_".join(k for k, on in (("bias", bias), ("crop", crop)) if on)
+
+
+def _ref(name: str, ref: str, kind: int) -> onnx.AttributeProto:
+    a = onnx.AttributeProto()
+    a.name, a.ref_attr_name, a.type = name, ref, kind
+    return a
+
+
+def function(opset: int, *, bias: bool, crop: bool) -> onnx.FunctionProto:
+    """The body of one overload, importing the default domain at `opset` (the model's: a function
+    importing another version than its model fails onnx's checker)."""
+    nodes: list[onnx.NodeProto] = []
+
+    def add(op: str, inputs: list[str], outputs: list[str], refs: tuple = (), **attrs) -> None:
+        node = helper.make_node(op, inputs, outputs, **attrs)
+        node.attribute.extend(refs)
+        nodes.append(node)
+
+    add("Constant", [], ["channels_as_batch"], value_ints=[-1, 1, 0, 0])
+    add("Reshape", ["X", "channels_as_batch"], ["x_planes"])
+    add("Conv", ["x_planes", "K"], ["v_grid"], (_ref("pads", "grid_pads", _INTS), _ref("strides", "tile_strides", _INTS)))
+    add("Constant", [], ["tile_shape"], (_ref("value_ints", "tile_shape", _INTS),))
+    add("Reshape", ["v_grid", "tile_shape"], ["v_tiles"])
+    add("Transpose", ["v_tiles"], ["v"], perm=[0, 2, 1, 3])
+    add("MatMul", ["U", "v"], ["products"])
+    add("Constant", [], ["product_shape"], (_ref("value_ints", "product_shape", _INTS),))
+    add("Reshape", ["products", "product_shape"], ["products_flat"])
+    add("MatMul", ["A", "products_flat"], ["y_tiles"])
+    add("Constant", [], ["block_shape"], (_ref("value_ints", "block_shape", _INTS),))
+    add("Reshape", ["y_tiles", "block_shape"], ["y_blocks"])
+    y = "Y" if not (bias or crop) else "y_grid"
+    add("DepthToSpace", ["y_blocks"], [y], (_ref("blocksize", "tile", _INT),), mode="DCR")
+    if crop:
+        out = "Y" if not bias else "y_cropped"
+        add("Constant", [], ["crop_starts"], value_ints=[0, 0])
+        add("Constant", [], ["crop_ends"], (_ref("value_ints", "crop", _INTS),))
+        add("Constant", [], ["crop_axes"], value_ints=[2, 3])
+        add("Slice", [y, "crop_starts", "crop_ends", "crop_axes"], [out])
+        y = out
+    inputs = ["X", "U", "K", "A"]
+    if bias:
+        inputs.append("B")
+        add("Constant", [], ["bias_shape"], value_ints=[-1, 1, 1])
+        add("Reshape", ["B", "bias_shape"], ["bias_planes"])
+        add("Add", [y, "bias_planes"], ["Y"])
+    attributes = ["tile", "pads", "points", *_LAYOUT_ATTRS] + (["crop"] if crop else [])
+    fn = helper.make_function(DOMAIN, OP, inputs, ["Y"], nodes, [helper.make_opsetid("", opset)],
+                              attributes=attributes,
+                              doc_string="3x3 stride-1 convolution by Winograd F(m x m, 3 x 3) on pre-transformed weights")
+    fn.overload = overload(bias, crop)
+    return fn
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """One layer's tile grid: input [*, C_in, H, W], explicit conv `pads` [top, left, bottom, right]."""
+
+    m: int
+    c_in: int
+    c_out: int
+    height: int
+    width: int
+    pads: tuple[int, int, int, int]
+
+    @property
+    def alpha(self) -> int:
+        return self.m + 2
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        t, left, b, r = self.pads
+        return self.height + t + b - 2, self.width + left + r - 2
+
+    @property
+    def tiles_hw(self) -> tuple[int, int]:
+        ho, wo = self.out_hw
+        return -(-ho // self.m), -(-wo // self.m)
+
+    @property
+    def tiles(self) -> int:
+        th, tw = self.tiles_hw
+        return th * tw
+
+    @property
+    def crop(self) -> bool:
+        th, tw = self.tiles_hw
+        return (th * self.m, tw * self.m) != self.out_hw
+
+    def attributes(self, points: list[float]) -> dict:
+        """The call's attributes for this grid."""
+        ho, wo = self.out_hw
+        th, tw = self.tiles_hw
+        t, left, b, r = self.pads
+        a2 = self.alpha**2
+        out = {"tile": self.m, "pads": list(self.pads), "points": [float(p) for p in points],
+               "grid_pads": [t, left, b + th * self.m - ho, r + tw * self.m - wo],
+               "tile_strides": [self.m, self.m], "tile_shape": [-1, self.c_in, a2, th * tw],
+               "product_shape": [-1, a2, self.c_out * th * tw], "block_shape": [-1, self.m * self.m * self.c_out, th, tw]}
+        if self.crop:
+            out["crop"] = [ho, wo]
+        return out
+
+
+def call(inputs: list[str], output: str, name: str, geometry: Geometry, points: list[float], bias: bool) -> onnx.NodeProto:
+    """The WinogradConv node for one layer (inputs X, U, K, A[, B])."""
+    node = helper.make_node(OP, inputs, [output], name=name, domain=DOMAIN, **geometry.attributes(points))
+    node.overload = overload(bias, geometry.crop)
+    return node
+
+
+def is_call(node: onnx.NodeProto) -> bool:
+    return node.domain == DOMAIN and node.op_type == OP

@@ -1,0 +1,167 @@
+"""Where trials run: a local process pool (default) or Ray tasks on a Ray cluster.
+
+Both take a batch of (number, pipeline) and return one TrialResult per trial, in trial order. The
+job (model bytes and data arrays) is shipped once: to each local worker when it starts (the pool's
+initializer), or to Ray's object store once (`ray.put`), from which every task reads it. A worker
+that dies mid-trial: the trial is retried once (a fresh pool locally, Ray's task retry on a cluster),
+then recorded as failed with the reason; the search goes on. No pass imports this module.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+
+from onnxcomp.errors import BadInputError, first_line
+from onnxcomp.search.trial import FAILED, Job, TrialResult, run_trial
+
+_JOB: Job | None = None
+
+
+def _init_worker(job: Job) -> None:
+    import os
+    import sys
+
+    global _JOB
+    _JOB = job
+    # Libraries print progress (onnxruntime's calibrators do): the driver's stdout carries only the result.
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the worker's whole life
+
+
+def _work(number: int, pipeline: str, held_samples: int | None) -> TrialResult:
+    assert _JOB is not None, "worker without a job"
+    return run_trial(_JOB, number, pipeline, held_samples)
+
+
+class LocalPool:
+    """`workers` processes (spawned: onnxruntime's threads do not survive a fork), each given the job once."""
+
+    name = "local"
+
+    def __init__(self, job: Job, workers: int):
+        self.job, self.workers = job, max(1, int(workers))
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _fresh_pool(self) -> ProcessPoolExecutor:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_init_worker, initargs=(self.job,))
+        return self._pool
+
+    def run(self, trials: Sequence[tuple[int, str]], held_samples: int | None,
+            on_result: Callable[[TrialResult], None] | None = None) -> list[TrialResult]:
+        """Every trial's result, in trial order; `on_result` is called as each one finishes."""
+        results: dict[int, TrialResult] = {}
+        attempts = {n: 0 for n, _ in trials}
+        todo = list(trials)
+        while todo:
+            pool = self._pool or self._fresh_pool()
+            futures = {pool.submit(_work, n, p, held_samples): (n, p) for n, p in todo}
+            todo = []
+            broken = False
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    n, p = futures[fut]
+                    try:
+                        results[n] = fut.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        attempts[n] += 1
+                        if attempts[n] < 2:
+                            todo.append((n, p))
+                            continue
+                        results[n] = TrialResult(n, p, FAILED, reason="the worker died twice running this trial")
+                    if on_result is not None:
+                        on_result(results[n])
+            if broken:
+                self._fresh_pool()
+        return [results[n] for n, _ in sorted(trials)]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def _ray_trial(job: Job, number: int, pipeline: str, held_samples: int | None) -> TrialResult:
+    return run_trial(job, number, pipeline, held_samples)
+
+
+class RayExecutor:
+    """Ray tasks on the cluster at `address` ("auto": the running cluster; "local": start one on this
+    machine with `workers` CPUs). The job goes to the object store once; each task reads it there."""
+
+    name = "ray"
+
+    def __init__(self, job: Job, address: str, workers: int):
+        try:
+            import ray
+        except ImportError:
+            raise BadInputError("--ray needs Ray: pip install 'onnxcomp[ray]'") from None
+        self.ray = ray
+        self._started = False
+        if not ray.is_initialized():
+            kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+            _check_reachable(address)
+            try:
+                if address == "local":
+                    ray.init(num_cpus=max(1, int(workers)), **kwargs)
+                else:
+                    ray.init(address=address, **kwargs)
+            except Exception as exc:  # ConnectionError, ValueError, RuntimeError: an address that does not answer
+                raise BadInputError(f"--ray {address}: cannot reach a Ray cluster ({first_line(exc, 160)})") from None
+            self._started = True
+        self.job_ref = ray.put(job)
+        self.task = ray.remote(max_retries=1, num_cpus=1)(_ray_trial)
+
+    def run(self, trials: Sequence[tuple[int, str]], held_samples: int | None,
+            on_result: Callable[[TrialResult], None] | None = None) -> list[TrialResult]:
+        """Every trial's result, in trial order; `on_result` is called as each one finishes."""
+        ray = self.ray
+        refs = {self.task.remote(self.job_ref, n, p, held_samples): (n, p) for n, p in trials}
+        results: dict[int, TrialResult] = {}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                n, p = refs[ref]
+                try:
+                    results[n] = ray.get(ref)
+                except Exception as exc:  # WorkerCrashedError after the retry, RayTaskError, ...
+                    results[n] = TrialResult(n, p, FAILED, reason=f"ray: {type(exc).__name__}: {first_line(exc, 160)}")
+                if on_result is not None:
+                    on_result(results[n])
+        return [results[n] for n, _ in sorted(trials)]
+
+    def close(self) -> None:
+        if self._started:
+            self.ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """BadInputError unless a TCP connection to a host:port address opens within 3 s (ray.init itself
+    keeps retrying an address that does not answer for minutes). 'auto', 'local' and ray:// URLs
+    are left to Ray."""
+    import socket
+
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise BadInputError(f"--ray {address}: expected auto, local or HOST:PORT")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=3.0):
+            pass
+    except OSError as exc:
+        raise BadInputError(f"--ray {address}: cannot reach a Ray cluster ({exc.strerror or first_line(exc)})") from None
+
+
+def make_executor(job: Job, workers: int, ray_address: str | None):
+    if ray_address:
+        return RayExecutor(job, ray_address, workers)
+    return LocalPool(job, workers)

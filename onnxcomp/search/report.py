@@ -1,0 +1,86 @@
+"""A search's trials and front as a PNG (matplotlib, the `eval` extra). Reads results, edits nothing.
+
+One objective: the objective's ratio (x) against the accuracy figure (y: accuracy with labels, else
+top-1 / sequence agreement with the original), feasible trials as dots, infeasible as grey crosses,
+the front as a line, the original as a star at (1, its accuracy). The y axis spans the feasible
+trials and the original with a margin (an axis down to the worst broken trial would hide every
+difference that matters); infeasible trials below it are drawn on the bottom edge. Two objectives:
+the two ratios, the front as a line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _accuracy(r: Any) -> float | None:
+    f = r.figures
+    for key in ("cand_top1_acc", "top1_agreement", "sequence_agreement"):
+        if isinstance(f.get(key), (int, float)):
+            return float(f[key])  # percent, as validation reports them
+    return None
+
+
+def _reference(result: Any) -> float:
+    for r in result.trials:
+        if isinstance(r.figures.get("ref_top1_acc"), (int, float)):
+            return float(r.figures["ref_top1_acc"])
+    return 100.0  # agreement with the original: the original agrees with itself
+
+
+def plot_front(result: Any, path: str, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from onnxcomp.model import save_bytes
+
+    objs = result.objectives
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    feas = [r for r in result.trials if r.status == "feasible"]
+    bad = [r for r in result.trials if r.status == "infeasible"]
+    front = sorted(result.front, key=lambda r: r.values[objs[0]])
+    if len(objs) == 1:
+        o = objs[0]
+        ref = _reference(result)
+        ys = [a for a in (_accuracy(r) for r in feas + front) if a is not None] + [ref]
+        lo, hi = min(ys), max(ys)
+        pad = max(0.5, 0.15 * (hi - lo))
+        ymin, ymax = lo - pad, min(100.0, hi + pad) if hi < 100 else hi + pad * 0.3
+        ax.scatter([r.values[o] for r in feas], [_accuracy(r) for r in feas], s=22, color="#4c72b0",
+                   label="feasible trial", zorder=3)
+        if bad:
+            ax.scatter([r.values[o] for r in bad], [max(ymin, _accuracy(r) or ymin) for r in bad], marker="x", s=22,
+                       color="#999999", label="infeasible (clipped to the axis)", zorder=2)
+        if front:
+            ax.plot([r.values[o] for r in front], [_accuracy(r) for r in front], "-o", color="#dd8452", ms=5,
+                    label="front (re-judged on all held-out samples)", zorder=4)
+            for k, r in enumerate(front):
+                ax.annotate(f"#{r.number}", (r.values[o], _accuracy(r)), textcoords="offset points",
+                            xytext=(6, 6 if k % 2 == 0 else -12), fontsize=8)
+        ax.scatter([1.0], [ref], marker="*", s=140, color="#c44e52", label="original", zorder=5)
+        ax.set_ylim(ymin, ymax)
+        ax.set_xlabel(f"{o} (ratio to the original; smaller is better)")
+        ax.set_ylabel("accuracy / agreement with the original (%)")
+    else:
+        a, b = objs
+        ax.scatter([r.values[a] for r in feas], [r.values[b] for r in feas], s=22, color="#4c72b0", label="feasible trial")
+        if bad:
+            ax.scatter([r.values[a] for r in bad], [r.values[b] for r in bad], marker="x", s=22, color="#999999",
+                       label="infeasible")
+        if front:
+            ax.plot([r.values[a] for r in front], [r.values[b] for r in front], "-o", color="#dd8452", ms=5, label="front")
+        ax.scatter([1.0], [1.0], marker="*", s=140, color="#c44e52", label="original", zorder=5)
+        ax.set_xlabel(f"{a} ratio")
+        ax.set_ylabel(f"{b} ratio")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(f"{title}: {len(result.trials)} trials, {len(feas)} feasible" if title else "search")
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    save_bytes(path, buf.getvalue())

@@ -1,0 +1,212 @@
+"""The search: spaces, the strategy's determinism, executors (local pool and Ray), resume, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from _tiny_models import tiny_cnn
+
+from onnxcomp.cli import main
+from onnxcomp.errors import BadInputError, PipelineSyntaxError
+from onnxcomp.model import model_bytes, save_model
+from onnxcomp.pipeline import Pipeline
+from onnxcomp.search.driver import TrialCache, run_search
+from onnxcomp.search.executors import LocalPool, RayExecutor
+from onnxcomp.search.space import default_space, space_from_mapping
+from onnxcomp.search.strategy import Strategy, pareto_front, warm_start
+from onnxcomp.search.trial import FEASIBLE, INFEASIBLE, Job, TrialResult, run_trial
+from onnxcomp.tolerance import Tolerance
+
+SPACE = {"passes": [
+    {"codebook": {"bits": [2, 3, 4, 6, 8], "min_params": 16, "weighting": "none"}},
+    {"tucker": {"rank": [0.5, 0.75], "objective": "macs", "round": 1, "min_gain": -1, "required": False}},
+]}
+
+
+def _job(tol=None, objectives=("lzma",)):
+    model = tiny_cnn()
+    rng = np.random.default_rng(0)
+    fit = {"x": rng.standard_normal((24, 3, 16, 16)).astype(np.float32)}
+    held = {"x": rng.standard_normal((32, 3, 16, 16)).astype(np.float32)}
+    return Job(model_bytes(model), fit, held, tol or Tolerance(min_cosine=0.99), objectives, seed=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# spaces
+# ---------------------------------------------------------------------------------------------
+
+
+def test_space_pipelines_parse():
+    space = space_from_mapping(SPACE)
+    text = space.pipeline({"codebook.bits": 4, "tucker.use": True, "tucker.rank": 0.5})
+    assert text == "codebook{min_params=16,weighting=none,bits=4},tucker{objective=macs,round=1,min_gain=-1.0,rank=0.5}"
+    Pipeline.parse(text)
+    assert "tucker" not in space.pipeline({"codebook.bits": 4, "tucker.use": False})
+
+
+def test_default_space_comes_from_option_metadata():
+    with_data = default_space(has_data=True)
+    names = [p.name for p in with_data.passes]
+    assert {"tucker", "codebook", "trim", "int8"} <= set(names)
+    assert "trim" not in [p.name for p in default_space(has_data=False).passes]  # trim needs data
+    assert with_data.passes[names.index("codebook")].domains["avg_bits"].choices == (6.0, 5.0, 4.0, 3.0)
+    for params in warm_start(with_data):
+        Pipeline.parse(with_data.pipeline(params))
+
+
+@pytest.mark.parametrize(("doc", "match"), [
+    ({"passes": []}, "empty"),
+    ({"passes": [{"tuker": {}}]}, "did you mean 'tucker'"),
+    ({"passes": [{"tucker": {"rnak": [0.5]}}]}, "did you mean 'rank'"),
+    ({"passes": [{"codebook": {"bits": []}}]}, "empty list"),
+    ({"passes": [{"codebook": {"avg_bits": {"low": 5, "high": 2}}}]}, "empty"),
+    ({"passes": [{"codebook": {"bits": 4}}]}, "nothing to search"),
+    ({"nope": 1}, "passes"),
+])
+def test_bad_spaces_are_refused_with_the_reason(doc, match):
+    with pytest.raises((BadInputError, PipelineSyntaxError), match=match):
+        space_from_mapping(doc)
+
+
+# ---------------------------------------------------------------------------------------------
+# strategy and trials
+# ---------------------------------------------------------------------------------------------
+
+
+def test_same_seed_same_trials_whatever_the_order_results_come_back():
+    space = space_from_mapping(SPACE)
+
+    def drive(reverse):
+        s = Strategy(space, ("lzma",), seed=5)
+        seen = []
+        for _ in range(4):
+            asked = s.ask(3)
+            seen += [p for _, _, p in asked]
+            results = [TrialResult(n, p, FEASIBLE, {"lzma": 1.0 / (1 + len(p) % 7)}) for n, _, p in asked]
+            s.tell(list(reversed(results)) if reverse else results)
+        return seen
+
+    assert drive(False) == drive(True)
+
+
+def test_a_trial_is_judged_and_measured():
+    job = _job(objectives=("lzma", "macs"))
+    good = run_trial(job, 0, "codebook{bits=8,min_params=16,weighting=none}")
+    assert good.status == FEASIBLE and good.values["lzma"] < 1.0 and good.values["macs"] == pytest.approx(1.0)
+    bad = run_trial(job, 1, "codebook{bits=1,min_params=16,weighting=none}")
+    assert bad.status == INFEASIBLE and "min_cosine" in bad.reason or "cosine" in bad.reason
+    crash = run_trial(job, 2, "codebook{bits=99}")
+    assert crash.status == "failed" and crash.reason
+
+
+def test_pareto_front_keeps_only_undominated_feasible():
+    rs = [TrialResult(0, "a", FEASIBLE, {"x": 0.5, "y": 0.5}), TrialResult(1, "b", FEASIBLE, {"x": 0.4, "y": 0.9}),
+          TrialResult(2, "c", FEASIBLE, {"x": 0.6, "y": 0.6}), TrialResult(3, "d", INFEASIBLE, {"x": 0.1, "y": 0.1})]
+    assert [r.number for r in pareto_front(rs, ("x", "y"))] == [1, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# executors, cache, resume
+# ---------------------------------------------------------------------------------------------
+
+
+def _search(executor, job, cache=None, trials=6):
+    return run_search(job, space_from_mapping(SPACE), executor, trials=trials, batch=3, coarse_samples=16, cache=cache)
+
+
+def test_local_pool_and_ray_give_the_same_front(tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'onnxcomp[ray]')")
+    job = _job()
+    pool = LocalPool(job, 2)
+    try:
+        local = _search(pool, job)
+    finally:
+        pool.close()
+    if ray.is_initialized():
+        ray.shutdown()
+    rex = RayExecutor(job, "local", 2)
+    try:
+        remote = _search(rex, job)
+    finally:
+        rex.close()
+    assert [t.pipeline for t in local.trials] == [t.pipeline for t in remote.trials]
+    assert [(t.pipeline, t.status) for t in local.front] == [(t.pipeline, t.status) for t in remote.front]
+    assert [t.values for t in local.trials] == [t.values for t in remote.trials]
+    assert local.best is not None and local.best.status == FEASIBLE
+
+
+class _Counting:
+    """An in-process executor that records the (pipeline, samples) it really ran, and can be
+    interrupted after some trials as Ctrl-C would."""
+
+    name = "counting"
+
+    def __init__(self, job, stop_after=None):
+        self.job, self.ran, self.stop_after = job, [], stop_after
+
+    def run(self, trials, held, on_result=None):
+        out = []
+        for n, p in trials:
+            if self.stop_after is not None and len(self.ran) >= self.stop_after:
+                raise KeyboardInterrupt
+            self.ran.append((p, held))
+            out.append(run_trial(self.job, n, p, held))
+            if on_result is not None:
+                on_result(out[-1])
+        return out
+
+
+def test_resume_repeats_no_finished_trial(tmp_path):
+    job = _job()
+    first = _Counting(job, stop_after=4)  # the first batch of 3, and one trial of the second
+    with pytest.raises(KeyboardInterrupt):
+        _search(first, job, TrialCache(tmp_path, job.digest()))
+    again = _Counting(job)
+    res = _search(again, job, TrialCache(tmp_path, job.digest()))
+    assert len(res.trials) == 6
+    assert not set(first.ran) & set(again.ran)  # nothing that finished is run again
+    assert res.cached >= 4  # the 4 finished, and any pipeline the sampler drew twice
+    fresh = _search(_Counting(job), job)  # and the resumed search is the uninterrupted one
+    assert [(t.pipeline, t.status, t.values) for t in res.trials] == [(t.pipeline, t.status, t.values) for t in fresh.trials]
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_search_writes_the_best_model(tmp_path, capsys):
+    src, data, space = tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "space.yaml"
+    save_model(tiny_cnn(), src)
+    np.savez(data, x=np.random.default_rng(1).standard_normal((64, 3, 16, 16)).astype(np.float32))
+    import yaml
+
+    space.write_text(yaml.safe_dump(SPACE))
+    out = tmp_path / "best.onnx"
+    code = main(["search", str(src), "--data", str(data), "--space", str(space), "-o", str(out), "--trials", "4",
+                 "--workers", "1", "--min-cosine", "0.99", "--no-cache", "--json", "-q"])
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["best"]["status"] == FEASIBLE and doc["output"] == str(out)
+    written = onnx.load(str(out))
+    meta = {p.key: p.value for p in written.metadata_props}
+    assert meta["onnxcomp.pipeline"] == str(Pipeline.parse(doc["best"]["pipeline"]))
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--trials", "0"], "at least one trial"),
+    (["--objective", "lzma", "--objective", "macs", "--objective", "file"], "at most two"),
+    (["--ray", "127.0.0.1:1"], "cannot reach"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, match):
+    src, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    save_model(tiny_cnn(), src)
+    np.savez(data, x=np.random.default_rng(1).standard_normal((64, 3, 16, 16)).astype(np.float32))
+    if "--ray" in argv:
+        pytest.importorskip("ray")
+    code = main(["search", str(src), "--data", str(data), "--no-cache", "-q", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and match in err[0], err
