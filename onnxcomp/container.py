@@ -4,7 +4,8 @@
 checked by re-quantizing it exactly) as its integer codes plus, when it has zeros, a bit mask; all
 other tensors stay in the model skeleton. The whole body is coded by a standard lossless coder
 (lzma from the standard library, or zstd from the `zstandard` package). `unpack` restores the
-model's exact bytes: the header carries the SHA-256 of the deterministic serialization, checked
+model's exact bytes (the deterministic serialization of the model as loaded, external data inline:
+the input file itself when onnxcomp wrote it): the header carries their SHA-256, checked
 before anything is written, so a damaged, truncated or foreign file is refused (BadInputError).
 
 Layout: MAGIC (8 bytes) | header length (8 bytes, little endian) | header (JSON, UTF-8) | body
@@ -108,6 +109,9 @@ def pack(model: onnx.ModelProto, coder: str = "lzma") -> tuple[bytes, PackStats]
             raw[t.name] = "not float32 any more"
             continue
         values = _float_values(t)
+        if np.any((values == 0) & np.signbit(values)):  # -0.0 would come back as +0.0
+            raw[t.name] = "holds -0.0 (changed after uquant)"
+            continue
         codes = uq.codes_of(values, step, seed, t.name)
         if codes is None:
             raw[t.name] = "its values are no longer the recorded quantization (changed after uquant)"

@@ -210,3 +210,50 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, match):
     code = main(["search", str(src), "--data", str(data), "--no-cache", "-q", *argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and match in err[0], err
+
+
+def _no_network(page: str) -> bool:
+    import re
+
+    return not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page) and "@import" not in page
+
+
+def test_search_html_report_is_self_contained(tmp_path, capsys):
+    from html.parser import HTMLParser
+
+    src, data, space = tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "space.yaml"
+    save_model(tiny_cnn(), src)
+    np.savez(data, x=np.random.default_rng(1).standard_normal((64, 3, 16, 16)).astype(np.float32))
+    import yaml
+
+    space.write_text(yaml.safe_dump(SPACE))
+    page_path = tmp_path / "r.html"
+    code = main(["search", str(src), "--data", str(data), "--space", str(space), "--trials", "3", "--workers", "1",
+                 "--min-cosine", "0.99", "--no-cache", "-q", "--report", str(page_path), "--reference", "none"])
+    assert code == 0
+    page = page_path.read_text()
+    HTMLParser().feed(page)
+    assert page.startswith("<!DOCTYPE html>") and "data:image/png;base64," in page and _no_network(page)
+    assert page.count("<tr") >= 4 and "Best feasible" in page
+
+
+def test_optimize_html_report_is_self_contained(tmp_path):
+    src, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    save_model(tiny_cnn(), src)
+    np.savez(data, x=np.random.default_rng(1).standard_normal((64, 3, 16, 16)).astype(np.float32))
+    page_path = tmp_path / "r.html"
+    code = main(["optimize", str(src), "-o", str(tmp_path / "o.onnx"), "-p", "codebook{bits=6,min_params=16}",
+                 "--data", str(data), "-q", "--report", str(page_path)])
+    assert code == 0
+    page = page_path.read_text()
+    assert "codebook: every layer" in page and "conv1" in page and _no_network(page)
+    assert "data:image/png;base64," in page  # the per-layer chart
+
+
+@pytest.mark.parametrize(("doc", "match"), [
+    ({"passes": [{"tucker": 0.5}]}, "mapping of options"),
+    ({"passes": [{"winograd": {"tile": {"low": 2, "high": 6}}}]}, "tile"),
+])
+def test_malformed_space_entries_are_bad_input(doc, match):
+    with pytest.raises((BadInputError, PipelineSyntaxError), match=match):
+        space_from_mapping(doc)

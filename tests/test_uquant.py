@@ -214,3 +214,41 @@ def test_jointly_sparse_winograd_model_packs_with_masks():
     x = {"x": np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)}
     restored = onnx.load_from_string(unpack(blob))
     assert all(np.array_equal(a, b) for a, b in zip(ort_run(q, x).values(), ort_run(restored, x).values(), strict=True))
+
+
+def test_unknown_ops_shared_weights_and_tiny_steps_are_skipped_untouched():
+    from onnx import helper
+
+    model = tiny_cnn()
+    res = get_pass("uquant")(ops="Conv|Relu", min_params=16).run(model, Context())
+    assert any(r.op == "Relu" and r.action == SKIPPED and "no weight" in r.reason for r in res.layers)
+    # two convs read one weight; one of them is excluded: neither is quantized, the weight is untouched
+    shared = onnx.ModelProto()
+    shared.CopyFrom(model)
+    conv1 = next(n for n in shared.graph.node if n.name == "conv1")
+    twin = helper.make_node("Conv", ["x", conv1.input[1], conv1.input[2]], ["c1b"], name="conv1b", pads=[1, 1, 1, 1],
+                            kernel_shape=[3, 3])
+    shared.graph.node.insert(1, twin)
+    shared.graph.output.append(helper.make_empty_tensor_value_info("c1b"))
+    res = get_pass("uquant")(min_params=16, exclude="conv1b").run(shared, Context())
+    recs = {r.node: r for r in res.layers}
+    assert recs["conv1"].action == SKIPPED and "also read by conv1b" in recs["conv1"].reason
+    w = {t.name: t for t in res.model.graph.initializer}[conv1.input[1]]
+    assert w.SerializeToString() == {t.name: t for t in shared.graph.initializer}[conv1.input[1]].SerializeToString()
+    both = get_pass("uquant")(min_params=16).run(shared, Context())
+    recs = {r.node: r for r in both.layers}
+    assert recs["conv1"].action == recs["conv1b"].action == REWRITTEN
+    assert set(recs["conv1"].figures["shared_by"]) == {"conv1", "conv1b"}
+    tiny = get_pass("uquant")(step=1e-20, min_params=16).run(model, Context())
+    assert all(r.action == SKIPPED and "too fine" in r.reason for r in tiny.layers)
+
+
+def test_negative_zero_is_stored_as_it_is():
+    model = _quantized(tiny_cnn(), bits=4).model
+    name = next(iter(recorded_steps(model)))
+    t = next(t for t in model.graph.initializer if t.name == name)
+    arr = numpy_helper.to_array(t).copy()
+    arr.flat[0] = -0.0
+    t.CopyFrom(numpy_helper.from_array(arr, name))
+    blob, stats = pack(model)
+    assert "-0.0" in stats.raw_tensors[name] and unpack(blob) == model_bytes(model)

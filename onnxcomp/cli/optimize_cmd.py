@@ -41,7 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "the guard times models with it (default 2)")
     p.add_argument("--no-measure", action="store_true",
                    help="passes estimate layer latency from the analytic model instead of timing layers")
-    p.add_argument("--report", default=None, help="write the full per-layer report as JSON here")
+    p.add_argument("--report", default=None, help="write the full per-layer report here: JSON, or one "
+                                                  "self-contained HTML page when the name ends in .html")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout instead of tables")
     p.add_argument("--validate", action="store_true",
                    help="check the final model against the input (implied by a tolerance flag; always done by the guard)")
@@ -154,7 +155,12 @@ def _emit(args: argparse.Namespace, report: Report) -> None:
     if args.report:
         from onnxcomp.model import save_text
 
-        save_text(args.report, report.to_json() + "\n", protect=(args.input,))
+        if str(args.report).endswith((".html", ".htm")):
+            from onnxcomp.html_report import optimize_page
+
+            save_text(args.report, optimize_page(report.as_dict(), source=args.input), protect=(args.input,))
+        else:
+            save_text(args.report, report.to_json() + "\n", protect=(args.input,))
     if args.json:
         print_json(report.as_dict())
         return

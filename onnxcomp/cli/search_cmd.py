@@ -39,8 +39,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="concrete shape for an input with symbolic dims (repeatable)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per batch when reading data")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the trial cache")
+    p.add_argument("--reference", action="append", default=None, metavar="PIPELINE",
+                   help="pipelines judged beside the search and marked on the plot (default: int8{objective=any}; "
+                        "'none' for none)")
     p.add_argument("--json", action="store_true", help="print the search as JSON")
     p.add_argument("--plot", default=None, metavar="PNG", help="write the trials and the front as a PNG")
+    p.add_argument("--report", default=None, metavar="R.html|R.json",
+                   help="write the whole search as one self-contained HTML page (or JSON)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     add_tolerance_flags(p)
     p.set_defaults(func=run)
@@ -53,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from onnxcomp.costmodel import cache_root
     from onnxcomp.errors import EXIT_VALIDATION_FAILED, BadInputError
     from onnxcomp.model import check_output_path, load_model, model_bytes, save_model
+    from onnxcomp.pipeline import Pipeline
     from onnxcomp.search.driver import TrialCache, run_search
     from onnxcomp.search.executors import make_executor
     from onnxcomp.search.space import default_space, load_space
@@ -71,11 +77,17 @@ def run(args: argparse.Namespace) -> int:
         raise BadInputError(f"--workers {args.workers}: must be at least 1")
     if args.time_budget is not None and not args.time_budget > 0:
         raise BadInputError(f"--time-budget {args.time_budget}: must be positive")
-    for path in (args.output, args.plot):
+    for path in (args.output, args.plot, args.report):
         if path:
             check_output_path(path, protect=(args.model,))
     if args.metric:
         raise BadInputError("--metric is not supported by search yet; use the tolerance flags")
+    wants_png = bool(args.plot) or bool(args.report and args.report.endswith((".html", ".htm")))
+    if wants_png:
+        try:
+            import matplotlib  # noqa: F401  (checked now: not after the whole search)
+        except ImportError:
+            raise BadInputError("--plot and an HTML --report need matplotlib: pip install 'onnxcomp[eval]'") from None
     tolerance = tolerance_from_args(args, default=GUARD_DEFAULT)
     space = load_space(args.space) if args.space else default_space(has_data=True)
     shapes = parse_input_shapes(args.input_shape)
@@ -87,22 +99,43 @@ def run(args: argparse.Namespace) -> int:
     n_held = int(next(iter(held.values())).shape[0])
     coarse = args.coarse if args.coarse is not None else max(32, n_held // 4)
     cache = None if args.no_cache else TrialCache(cache_root() / "search", job.digest())
+    references = [r for r in (args.reference or ["int8{objective=any}"]) if r.lower() != "none"]
+    for r in references:
+        Pipeline.parse(r)  # a bad reference is exit 2 before any trial
     executor = make_executor(job, workers, args.ray)  # an unreachable Ray address fails here, before any trial
     progress = _Progress(args.trials, objectives, quiet=args.quiet)
     try:
         result = run_search(job, space, executor, trials=args.trials, batch=args.batch, time_budget=args.time_budget,
-                            coarse_samples=coarse, cache=cache, on_trial=progress)
+                            coarse_samples=coarse, cache=cache, on_trial=progress, references=references)
     finally:
         executor.close()
-    if args.plot:
-        from onnxcomp.search.report import plot_front
-
-        plot_front(result, args.plot, title=os.path.basename(args.model))
-    written = None
+    written, note = None, None
     if args.output and result.best is not None:
-        best_model = _rebuild(model, result.best.pipeline, fit, args.seed, shapes)
-        save_model(best_model, args.output, protect=(args.model,))
-        written = args.output
+        best_model, note = _rebuild(model, result.best, fit, held, job)
+        if best_model is not None:
+            save_model(best_model, args.output, protect=(args.model,))
+            written = args.output
+    png = None
+    if wants_png:
+        from onnxcomp.search.report import front_png
+
+        png = front_png(result, title=os.path.basename(args.model))
+    if args.plot:
+        from onnxcomp.model import save_bytes
+
+        save_bytes(args.plot, png, protect=(args.model,))
+    if args.report:
+        import json as _json
+
+        from onnxcomp.html_report import search_page
+        from onnxcomp.model import save_text
+
+        doc = result.as_dict()
+        text = search_page(doc, png, source=args.model) if args.report.endswith((".html", ".htm")) else \
+            _json.dumps(doc, indent=2) + "\n"
+        save_text(args.report, text, protect=(args.model,))
+    if note:
+        print(f"onnxcomp: {note}", file=sys.stderr)
     if args.json:
         doc = result.as_dict()
         doc["output"] = written
@@ -114,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"best: trial {result.best.number}: {result.best.pipeline} -> {written}")
     if result.best is None:
         print("onnxcomp: no trial met the tolerance; nothing written", file=sys.stderr)
+        return EXIT_VALIDATION_FAILED
+    if args.output and written is None:
         return EXIT_VALIDATION_FAILED
     return 0
 
@@ -144,15 +179,29 @@ def _split_arrays(model, data: str, shapes, batch_size: int):
     return fit, held
 
 
-def _rebuild(model, pipeline: str, fit, seed: int, shapes):
-    """The best trial's model, made again exactly as the trial made it (same pipeline, data, seed)."""
+def _rebuild(model, best, fit, held, job):
+    """(the best trial's model made again from its pipeline, data and seed, or None; a note). When its
+    bytes differ from what the trial judged (a pass whose choice depends on timing, in a YAML space),
+    it is judged again on every held-out sample and written only if it passes."""
+    import hashlib
+
     from onnxcomp.data import open_source
+    from onnxcomp.model import model_bytes
     from onnxcomp.passes.base import Context
     from onnxcomp.pipeline import Pipeline
+    from onnxcomp.validation import compare
 
-    ctx = Context(data=open_source(dict(fit), model=model, input_shapes=shapes), seed=seed, input_shapes=dict(shapes))
-    out, _ = Pipeline.parse(pipeline).run(model, ctx)
-    return out
+    ctx = Context(data=open_source(dict(fit), model=model, input_shapes=job.input_shapes), seed=job.seed,
+                  input_shapes=dict(job.input_shapes))
+    out, _ = Pipeline.parse(best.pipeline).run(model, ctx)
+    if hashlib.sha256(model_bytes(out)).hexdigest() == best.figures.get("model_sha256"):
+        return out, None
+    check = compare(model, out, open_source(dict(held), model=model, input_shapes=job.input_shapes), job.tolerance,
+                    task=job.task)
+    if not check.passed:
+        return None, (f"trial {best.number} made again differs from the one judged (a timing-driven choice) and "
+                      f"fails the tolerance: {check.describe()}; nothing written")
+    return out, f"trial {best.number} made again differs from the one judged (a timing-driven choice); it passes the tolerance again"
 
 
 def _front_table(result) -> str:
@@ -167,8 +216,14 @@ def _front_table(result) -> str:
     head = (f"search: {len(result.trials)} trials ({counts['feasible']} feasible, {counts['infeasible']} infeasible, "
             f"{counts['failed']} failed; {result.cached} from the cache) on {result.executor}, {result.seconds:.0f} s; "
             f"judged on {result.coarse_samples} held-out samples, the front on {result.full_samples}")
+    for r in result.references:
+        acc = r.figures.get("cand_top1_acc", r.figures.get("top1_agreement", r.figures.get("sequence_agreement")))
+        rows.append([f"ref {r.status}", *[f"{r.values[o]:.4f}" if o in r.values else "-" for o in result.objectives],
+                     f"{acc:.2f}%" if isinstance(acc, (int, float)) else "-", r.pipeline])
+    if not result.front:
+        head += "\nno feasible trial"
     if not rows:
-        return head + "\nno feasible trial"
+        return head
     return head + "\n" + table(rows, ["trial", *[f"{o} ratio" for o in result.objectives], "accuracy", "pipeline"])
 
 

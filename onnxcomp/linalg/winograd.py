@@ -196,7 +196,8 @@ class JointSparse:
     """The outcome of `joint_sparsify`: the Winograd-domain weights to deploy (`u`, [a*a, Co, Ci],
     exactly `winograd` sparse) and the spatial weights the same artifact gives back (`spatial`,
     [Co, Ci, r, r], exactly `spatial` sparse: `spatial_from(u)`); their errors against the original
-    layer (`u_error`: relative L2 in the Winograd domain, positions scaled by `position_weights`;
+    layer (`u_error`: relative L2 in the Winograd domain, each position's error scaled by
+    `position_weights`, its effect on the output;
     `spatial_error`: relative L2 of the filters), the round kept, and the summed error per round."""
 
     u: np.ndarray
@@ -223,7 +224,7 @@ def joint_sparsify(weight: np.ndarray, t: Transforms, spatial: float, winograd: 
     the original, every round is scored by the sum of both deployments' errors and the best round
     (round 0: both pruned straight from the original) is kept."""
     w = np.asarray(weight, dtype=np.float64)
-    scale = np.sqrt(position_weights(t))
+    scale = position_weights(t)
     ref_u = filter_transform(w, t)
     nw = max(float(np.linalg.norm(w)), 1e-30)
     nu = max(float(np.linalg.norm(ref_u * scale)), 1e-30)
@@ -236,9 +237,9 @@ def joint_sparsify(weight: np.ndarray, t: Transforms, spatial: float, winograd: 
     point = w
     best = (*deployments(point), 0)
     history = [best[2] + best[3]]
+    g = best[1]
     for k in range(1, max(rounds, 0) + 1):
-        u, g, eu, es = deployments(point)
-        point = g  # the next common point: the spatial deployment of this one
+        point = g  # the next common point: the spatial deployment of the last one
         u, g, eu, es = deployments(point)
         history.append(eu + es)
         if eu + es < best[2] + best[3]:

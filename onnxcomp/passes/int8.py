@@ -59,6 +59,7 @@ class Int8Pass(Pass):
     name = "int8"
     summary = "onnxruntime static int8 quantization (QDQ, per-channel weights), calibrated on --data"
     Config = Int8Config
+    search_fixed = {"objective": "any"}  # see TuckerPass.search_fixed
     default_ops = _QUANTIZABLE
     needs_data = True
 

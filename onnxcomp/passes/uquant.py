@@ -35,6 +35,7 @@ from onnxcomp.passes.base import (
 
 METADATA_KEY = "onnxcomp.uquant"
 _WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1, "WinogradConv": 1}
+_MAX_LEVELS = 2**22  # float32 holds step * n - u exactly enough to give n back below this
 
 
 @dataclass
@@ -61,23 +62,37 @@ class UquantPass(Pass):
     default_ops = tuple(_WEIGHT_INPUT)
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
+        """Quantize weight by weight: a weight several layers read is quantized only when every one
+        of its readers is selected and usable (then each gets a REWRITTEN record), else each reader is
+        skipped with the reason; a skipped layer is left byte-identical."""
         cfg: UquantConfig = self.config
         index = GraphIndex(model)
         editor = GraphEditor(model)
-        records: list[LayerRecord] = []
+        records: dict[int, LayerRecord] = {}
         steps: dict[str, float] = {}
-        for node in self.candidates(model):
-            label = node_label(node)
-            reason = self.selection_reason(node) or self._unusable(index, node, cfg, steps)
+        candidates = self.candidates(model)
+        by_weight: dict[str, list[onnx.NodeProto]] = {}
+        for node in candidates:
+            reason = self.selection_reason(node) or self._unusable(index, node, cfg)
             if reason:
-                records.append(LayerRecord(label, node.op_type, SKIPPED, reason, output=node.output[0]))
-                continue
-            name = node.input[_WEIGHT_INPUT[node.op_type]]
+                records[id(node)] = LayerRecord(node_label(node), node.op_type, SKIPPED, reason, output=node.output[0])
+            else:
+                by_weight.setdefault(node.input[_WEIGHT_INPUT[node.op_type]], []).append(node)
+        for name, readers in by_weight.items():
+            others = [u for u in index.consumers.get(name, []) if all(u is not r for r in readers)]
             w = index.array(name)
             step = cfg.step or uq.step_for_bits(w, cfg.bits)
-            if not step > 0:
-                records.append(LayerRecord(label, node.op_type, SKIPPED, "weight has fewer than two distinct values",
-                                           output=node.output[0]))
+            reason = None
+            if others:
+                reason = (f"its weight '{name}' is also read by {node_label(others[0])}, which is not quantized with it "
+                          "(not selected, or not a weight input)")
+            elif not step > 0:
+                reason = "weight has fewer than two distinct values"
+            elif float(np.abs(w).max()) / step > _MAX_LEVELS:
+                reason = f"step {step:g} is too fine for float32 weights up to {float(np.abs(w).max()):g} (over 2^22 levels)"
+            if reason:
+                for node in readers:
+                    records[id(node)] = LayerRecord(node_label(node), node.op_type, SKIPPED, reason, output=node.output[0])
                 continue
             q, codes = uq.quantize(w, step, cfg.seed, name)
             editor.set_initializer(name, q)
@@ -85,27 +100,30 @@ class UquantPass(Pass):
             err = float(np.linalg.norm(q.astype(np.float64) - w) / max(float(np.linalg.norm(w)), 1e-30))
             values, counts = np.unique(codes, return_counts=True)
             p = counts / max(codes.size, 1)
-            records.append(LayerRecord(
-                label, node.op_type, REWRITTEN, params_before=int(w.size), params_after=int(w.size),
-                output=node.output[0],
-                figures={"step": step, "levels": int(values.size), "error": round(err, 6),
-                         "code_entropy_bits": round(float(-(p * np.log2(p)).sum()), 4),
-                         "zeros": round(1.0 - codes.size / max(w.size, 1), 4)}))
+            figures = {"step": step, "levels": int(values.size), "error": round(err, 6),
+                       "code_entropy_bits": round(float(-(p * np.log2(p)).sum()), 4),
+                       "zeros": round(1.0 - codes.size / max(w.size, 1), 4)}
+            if len(readers) > 1:
+                figures["shared_by"] = [node_label(n) for n in readers]
+            for node in readers:
+                records[id(node)] = LayerRecord(node_label(node), node.op_type, REWRITTEN, params_before=int(w.size),
+                                                params_after=int(w.size), output=node.output[0], figures=dict(figures))
+        ordered = [records[id(n)] for n in candidates]
         if not steps:
-            return PassResult(model, records)
+            return PassResult(model, ordered)
         out = editor.apply()
         _record_metadata(out, cfg.seed, steps)
-        return PassResult(out, records, {"tensors": len(steps), "seed": cfg.seed})
+        return PassResult(out, ordered, {"tensors": len(steps), "seed": cfg.seed})
 
-    def _unusable(self, index: GraphIndex, node: onnx.NodeProto, cfg: UquantConfig, done: dict) -> str | None:
+    def _unusable(self, index: GraphIndex, node: onnx.NodeProto, cfg: UquantConfig) -> str | None:
+        if node.op_type not in _WEIGHT_INPUT:
+            return f"{node.op_type} has no weight uquant knows (it quantizes {', '.join(_WEIGHT_INPUT)})"
         if node.op_type == "WinogradConv" and node.domain != "ai.onnxcomp":
             return f"{node.domain}.{node.op_type} is not onnxcomp's WinogradConv"
         k = _WEIGHT_INPUT[node.op_type]
         if len(node.input) <= k or not index.is_constant(node.input[k]):
             return "weight is not a constant initializer"
         name = node.input[k]
-        if name in done:
-            return f"shares its weight '{name}' with a layer quantized before it"
         t = index.initializers[name]
         if t.data_type != onnx.TensorProto.FLOAT:
             return f"weight is {onnx.TensorProto.DataType.Name(t.data_type).lower()}, not float32"

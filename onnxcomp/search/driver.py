@@ -5,6 +5,7 @@ fine) and pick the best feasible model.
 Trial results are cached on disk by content (the job's digest: model, data, tolerance, objectives,
 seed; plus the pipeline and the number of samples judged on), so an interrupted search, run again,
 repeats no finished trial: it asks the same trials (same seed, same order) and finds them cached.
+Failed trials are not cached (a dead worker or a full memory says nothing about the pipeline).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from onnxcomp.search.space import Space
 from onnxcomp.search.strategy import Strategy, pareto_front
-from onnxcomp.search.trial import FEASIBLE, Job, TrialResult
+from onnxcomp.search.trial import FAILED, FEASIBLE, Job, TrialResult
 
 
 class TrialCache:
@@ -65,19 +66,24 @@ class SearchResult:
     coarse_samples: int
     full_samples: int
     notes: list[str] = field(default_factory=list)
+    references: list[TrialResult] = field(default_factory=list)  # e.g. int8: judged on every held-out sample
 
     def as_dict(self) -> dict:
         return {"objectives": list(self.objectives), "executor": self.executor, "seconds": round(self.seconds, 2),
                 "cached_trials": self.cached, "coarse_samples": self.coarse_samples, "full_samples": self.full_samples,
                 "trials": [t.as_dict() for t in self.trials], "front": [t.as_dict() for t in self.front],
-                "best": self.best.as_dict() if self.best else None, "notes": self.notes}
+                "best": self.best.as_dict() if self.best else None, "notes": self.notes,
+                "references": [r.as_dict() for r in self.references]}
 
 
 def run_search(job: Job, space: Space, executor, *, trials: int, batch: int = 4, time_budget: float | None = None,
                coarse_samples: int | None = None, cache: TrialCache | None = None,
-               on_trial: Callable[[TrialResult, list[TrialResult]], None] | None = None) -> SearchResult:
+               on_trial: Callable[[TrialResult, list[TrialResult]], None] | None = None,
+               references: Sequence[str] = ()) -> SearchResult:
     """Run the search (see the module docstring). `coarse_samples`: held-out samples each trial is
-    judged on first (None: all); the front is then re-judged on all of them."""
+    judged on first (None: all); the front is then re-judged on all of them. `references`:
+    pipelines judged on every held-out sample beside the search (e.g. "int8", what a user would try
+    instead), numbered -1, -2, ..."""
     t0 = time.perf_counter()
     strategy = Strategy(space, job.objectives, seed=job.seed)
     full = int(next(iter(job.held.values())).shape[0])
@@ -113,9 +119,10 @@ def run_search(job: Job, space: Space, executor, *, trials: int, batch: int = 4,
             r.samples = f.samples
         front = pareto_front(done, job.objectives)
     best = front[0] if front else None
+    refs = _run_cached(executor, [(-1 - k, p) for k, p in enumerate(references)], None, cache) if references else []
     cached = cache.hits if cache is not None else 0
     return SearchResult(done, front, best, job.objectives, executor.name, time.perf_counter() - t0, cached,
-                        coarse if coarse is not None else full, full, notes)
+                        coarse if coarse is not None else full, full, notes, list(refs))
 
 
 def _run_cached(executor, trials: Sequence[tuple[int, str]], held: int | None, cache: TrialCache | None
@@ -129,8 +136,12 @@ def _run_cached(executor, trials: Sequence[tuple[int, str]], held: int | None, c
         else:
             todo.append((n, p))
     if todo:
-        # each result is cached as soon as it is back: an interrupt loses only the unfinished trials
-        keep = (lambda r: cache.put(r, held)) if cache is not None else None
-        for r in executor.run(todo, held, on_result=keep):
+        # each result is cached as soon as it is back: an interrupt loses only the unfinished trials.
+        # Failed ones are not: a dead worker or a full memory says nothing about the pipeline.
+        def keep(r: TrialResult) -> None:
+            if cache is not None and r.status != FAILED:
+                cache.put(r, held)
+
+        for r in executor.run(todo, held, on_result=keep if cache is not None else None):
             out[r.number] = r
     return [out[n] for n, _ in trials]

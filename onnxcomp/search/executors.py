@@ -53,32 +53,34 @@ class LocalPool:
 
     def run(self, trials: Sequence[tuple[int, str]], held_samples: int | None,
             on_result: Callable[[TrialResult], None] | None = None) -> list[TrialResult]:
-        """Every trial's result, in trial order; `on_result` is called as each one finishes."""
+        """Every trial's result, in trial order; `on_result` is called as each one finishes. When a
+        worker dies, every trial still in the broken pool is a suspect: each is run again alone in a
+        fresh pool, and only one that kills its worker alone is recorded as failed (the others, which
+        merely ran beside it, get their real result)."""
         results: dict[int, TrialResult] = {}
-        attempts = {n: 0 for n, _ in trials}
-        todo = list(trials)
-        while todo:
-            pool = self._pool or self._fresh_pool()
-            futures = {pool.submit(_work, n, p, held_samples): (n, p) for n, p in todo}
-            todo = []
-            broken = False
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    n, p = futures[fut]
-                    try:
-                        results[n] = fut.result()
-                    except BrokenProcessPool:
-                        broken = True
-                        attempts[n] += 1
-                        if attempts[n] < 2:
-                            todo.append((n, p))
-                            continue
-                        results[n] = TrialResult(n, p, FAILED, reason="the worker died twice running this trial")
-                    if on_result is not None:
-                        on_result(results[n])
-            if broken:
+
+        def finish(n: int, r: TrialResult) -> None:
+            results[n] = r
+            if on_result is not None:
+                on_result(r)
+
+        pool = self._pool or self._fresh_pool()
+        futures = {pool.submit(_work, n, p, held_samples): (n, p) for n, p in trials}
+        suspects: list[tuple[int, str]] = []
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                n, p = futures[fut]
+                try:
+                    finish(n, fut.result())
+                except BrokenProcessPool:
+                    suspects.append((n, p))
+        for n, p in sorted(suspects):
+            try:
+                finish(n, self._fresh_pool().submit(_work, n, p, held_samples).result())
+            except BrokenProcessPool:
+                finish(n, TrialResult(n, p, FAILED, reason="its worker died running it (twice: beside others, then alone)"))
                 self._fresh_pool()
         return [results[n] for n, _ in sorted(trials)]
 

@@ -2,7 +2,7 @@
 
 One objective: the objective's ratio (x) against the accuracy figure (y: accuracy with labels, else
 top-1 / sequence agreement with the original), feasible trials as dots, infeasible as grey crosses,
-the front as a line, the original as a star at (1, its accuracy). The y axis spans the feasible
+the front as a line, the original as a star at (1, its accuracy), reference pipelines (int8) as diamonds. The y axis spans the feasible
 trials and the original with a margin (an axis down to the worst broken trial would hide every
 difference that matters); infeasible trials below it are drawn on the bottom edge. Two objectives:
 the two ratios, the front as a line.
@@ -29,12 +29,18 @@ def _reference(result: Any) -> float:
 
 
 def plot_front(result: Any, path: str, title: str = "") -> None:
+    """Write `front_png` to `path` (atomically)."""
+    from onnxcomp.model import save_bytes
+
+    save_bytes(path, front_png(result, title))
+
+
+def front_png(result: Any, title: str = "") -> bytes:
+    """The trials and front as PNG bytes (see the module docstring)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from onnxcomp.model import save_bytes
 
     objs = result.objectives
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
@@ -60,6 +66,13 @@ def plot_front(result: Any, path: str, title: str = "") -> None:
                 ax.annotate(f"#{r.number}", (r.values[o], _accuracy(r)), textcoords="offset points",
                             xytext=(6, 6 if k % 2 == 0 else -12), fontsize=8)
         ax.scatter([1.0], [ref], marker="*", s=140, color="#c44e52", label="original", zorder=5)
+        for r in getattr(result, "references", []):
+            if r.status == "failed" or _accuracy(r) is None:
+                continue
+            y = max(ymin, min(ymax, _accuracy(r)))
+            ax.scatter([r.values[o]], [y], marker="D", s=50, color="#55a868", zorder=5,
+                       label=f"{r.pipeline} ({r.status})")
+            ax.annotate(r.pipeline.split("{")[0], (r.values[o], y), textcoords="offset points", xytext=(6, -12), fontsize=8)
         ax.set_ylim(ymin, ymax)
         ax.set_xlabel(f"{o} (ratio to the original; smaller is better)")
         ax.set_ylabel("accuracy / agreement with the original (%)")
@@ -83,4 +96,4 @@ def plot_front(result: Any, path: str, title: str = "") -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    save_bytes(path, buf.getvalue())
+    return buf.getvalue()

@@ -149,6 +149,8 @@ def space_from_mapping(doc: Any, where: str = "space") -> Space:
             raise BadInputError(f"{where}: passes[{k}] must be a pass name or one 'name: {{options}}' mapping")
         (name, opts), = item.items()
         cls = get_pass(str(name))  # PipelineSyntaxError with the closest name
+        if opts is not None and not isinstance(opts, dict):
+            raise BadInputError(f"{where}: {name}: expected a mapping of options, got {opts!r}")
         opts = dict(opts or {})
         required = opts.pop("required", True)
         if not isinstance(required, bool):
@@ -160,8 +162,8 @@ def space_from_mapping(doc: Any, where: str = "space") -> Space:
                 cls.Config.coerce_option(opt, "", str(name))  # raises with the closest option name
             if isinstance(value, (list, dict)):
                 domains[opt] = _domain(value, types[opt], f"{name}.{opt}")
-                for v in domains[opt].choices:
-                    cls.Config.coerce_option(opt, v, str(name))
+                for v in domains[opt].choices or (domains[opt].low, domains[opt].high):
+                    cls.Config.coerce_option(opt, v, str(name))  # a value the option cannot take: exit 2 now
             else:
                 fixed[opt] = cls.Config.coerce_option(opt, value, str(name))
         out.append(PassSpace(str(name), required, domains, fixed))

@@ -43,7 +43,10 @@ class Job:
                 h.update(f"{k}:{a.dtype}:{a.shape}".encode())
                 h.update(a.tobytes())
         tol = self.tolerance.as_dict() if self.tolerance is not None else None
-        h.update(json.dumps({"tol": tol, "obj": list(self.objectives), "seed": self.seed, "task": self.task,
+        from onnxcomp import __version__
+
+        h.update(json.dumps({"version": __version__, "tol": tol, "obj": list(self.objectives), "seed": self.seed,
+                             "task": self.task,
                              "shapes": self.input_shapes, "threads": self.latency_threads},
                             sort_keys=True, default=str).encode())
         return h.hexdigest()
@@ -80,7 +83,8 @@ def subset(arrays: dict[str, np.ndarray], n: int | None) -> dict[str, np.ndarray
 
 
 def run_trial(job: Job, number: int, pipeline: str, held_samples: int | None = None) -> TrialResult:
-    """Run one trial; never raises for a pipeline that fails (status failed, with the reason)."""
+    """Run one trial; never raises for a pipeline that fails (status failed, with the reason). The
+    output model's SHA-256 is in `figures["model_sha256"]`, so the driver can make it again and check."""
     import onnx
 
     from onnxcomp.data import open_source
@@ -96,16 +100,24 @@ def run_trial(job: Job, number: int, pipeline: str, held_samples: int | None = N
     try:
         fit_source = open_source(dict(job.fit), model=model, input_shapes=job.input_shapes)
         held_source = open_source(dict(held), model=model, input_shapes=job.input_shapes)
-        ctx = Context(data=fit_source, seed=job.seed, input_shapes=dict(job.input_shapes))
+        from onnxcomp.costmodel import CostModel
+
+        # a private, uncached cost model: timings taken beside other trials must not reach the
+        # machine's latency cache, which later `optimize` runs trust
+        ctx = Context(data=fit_source, seed=job.seed, input_shapes=dict(job.input_shapes),
+                      cost_model=CostModel(cache=False, target_ms=60.0))
         out, _ = Pipeline.parse(pipeline).run(model, ctx)
         check = compare(model, out, held_source, job.tolerance, task=job.task)
     except Exception as exc:  # a trial that crashes is a result (failed), not the end of the search
         return TrialResult(number, pipeline, FAILED, seconds=time.perf_counter() - t0,
                            reason=f"{type(exc).__name__}: {first_line(exc, 200)}", samples=samples)
+    from onnxcomp.model import model_bytes
+
     values = objective_values(model, out, job)
     status = FEASIBLE if check.passed else INFEASIBLE
-    summary = check.summary()
-    return TrialResult(number, pipeline, status, values, _figures(summary), time.perf_counter() - t0,
+    figures = _figures(check.summary())
+    figures["model_sha256"] = hashlib.sha256(model_bytes(out)).hexdigest()
+    return TrialResult(number, pipeline, status, values, figures, time.perf_counter() - t0,
                        "" if check.passed else check.describe(), samples)
 
 

@@ -268,6 +268,10 @@ class TuckerPass(Pass):
     name = "tucker"
     summary = "Tucker-2 / SVD low-rank decomposition of Conv, Gemm, MatMul (EVBMF ranks, MAC budget, data refit)"
     Config = TuckerConfig
+    # the default search space pins this: a trial's choices must not depend on timings taken beside other trials
+    search_fixed = {"objective": "macs"}
+    # In a search trial the per-layer choice must not depend on timings taken beside other trials.
+    search_fixed = {"objective": "macs"}
     default_ops = ("Conv", "Gemm", "MatMul")
 
     def run(self, model: onnx.ModelProto, ctx: Context) -> PassResult:
