@@ -238,6 +238,8 @@ PIPELINES: list[tuple[str, bool, tuple[str, ...], bool]] = [
     ("winograd{objective=macs,tile=4}", False, (), True),
     ("winograd{objective=macs,tile=2},winograd-to-spatial", False, (), True),
     ("winograd{objective=macs,sparsity=0.5:0.5}", True, ("--no-guard", "--validate"), False),
+    # universal quantization: the reported error recomputed
+    ("uquant{bits=4,min_params=16}", True, ("--no-guard", "--validate"), False),
 ]
 
 

@@ -96,17 +96,21 @@ def optimize_page(report: dict, source: str = "") -> str:
     b, a = report.get("before", {}), report.get("after", {})
     sections = []
     rows = []
-    for key in ("params", "macs", "file_bytes", "lzma_bytes"):
+    for key, label in (("params", "params"), ("param_bits", "weight bits"), ("macs", "MACs"), ("bytes", "file bytes"),
+                       ("lzma_bytes", "lzma bytes"), ("nodes", "nodes")):
         if key in b or key in a:
             x, y = b.get(key), a.get(key)
             ratio = f"{x / y:.2f}x" if isinstance(x, (int, float)) and isinstance(y, (int, float)) and y else "-"
-            rows.append([key.replace("_", " "), x, y, ratio])
+            rows.append([label, x, y, ratio])
     if rows:
         sections.append("<h2>Before and after</h2>" + _table(["", "before", "after", "reduction"], rows))
     val = report.get("validation")
     if val:
         verdict = '<span class="ok">PASS</span>' if val.get("passed") else '<span class="bad">FAIL</span>'
-        sections.append(f"<h2>Validation</h2><p>{verdict} {_e(val.get('describe', ''))}</p>")
+        text = str(val.get("describe", ""))
+        for word in ("PASS", "FAIL"):  # describe() starts with the verdict: shown once, coloured
+            text = text.removeprefix(word).lstrip(": ")
+        sections.append(f"<h2>Validation</h2><p>{verdict}: {_e(text)}</p>")
     sections.append("<h2>Passes</h2>" + _table(
         ["pass", "rewritten", "skipped", "seconds", "check", "put back by the guard"],
         [[p["name"], p.get("rewritten", 0), sum(1 for r in p.get("layers", []) if r.get("action") == "skipped"),
@@ -143,7 +147,7 @@ def optimize_page(report: dict, source: str = "") -> str:
 def _check_text(v: dict | None) -> str:
     if not v:
         return "-"
-    return ("PASS" if v.get("passed") else "FAIL") + (f": {v['describe']}" if v.get("describe") else "")
+    return str(v.get("describe") or ("PASS" if v.get("passed") else "FAIL"))
 
 
 def _config_text(cfg: dict) -> str:

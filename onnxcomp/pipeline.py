@@ -322,6 +322,7 @@ class Pipeline:
         on_fail: str = "stop",
         max_rollbacks: int | None = None,
         guard: Guard | None = None,
+        layer_errors: bool = False,
     ) -> tuple[onnx.ModelProto, Report]:
         """Run every pass.
 
@@ -332,7 +333,9 @@ class Pipeline:
         else random inputs; on_fail "rollback"/"repair" repairs, "stop" stops, at most
         `max_rollbacks` layers put back per pass). With `validate` alone, the final model is checked
         against the input on `ctx`'s data. ValidationFailed carries the report (and the final model
-        when only the final check failed).
+        when only the final check failed). `layer_errors`: the guard's final check also measures every
+        rewritten layer's output error (the HTML report charts them; the passes' own checks do only
+        when they repair).
         """
         from onnxcomp import analysis, validation
 
@@ -396,7 +399,8 @@ class Pipeline:
         _set_metadata(current, "onnxcomp.pipeline", str(self))
         if guard is not None or validate:
             if guard is not None:  # always: errors that build up across passes, each within tolerance
-                check = guard.check(current)
+                # layer_errors: every rewritten layer's error in the final check (for a report's chart)
+                check = guard.check(current, layers=rewritten or None) if layer_errors else guard.check(current)
                 if guard.max_latency_ratio is not None:
                     report.guard["latency_ratio"] = round(guard.latency_ratio(current), 4)
                     report.guard["max_latency_ratio"] = guard.max_latency_ratio

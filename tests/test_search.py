@@ -178,13 +178,19 @@ def test_resume_repeats_no_finished_trial(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_cli_search_writes_the_best_model(tmp_path, capsys):
+def _cli_files(tmp_path):
+    """(model, data, space) files for a CLI search on the tiny model."""
+    import yaml
+
     src, data, space = tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "space.yaml"
     save_model(tiny_cnn(), src)
     np.savez(data, x=np.random.default_rng(1).standard_normal((64, 3, 16, 16)).astype(np.float32))
-    import yaml
-
     space.write_text(yaml.safe_dump(SPACE))
+    return src, data, space
+
+
+def test_cli_search_writes_the_best_model(tmp_path, capsys):
+    src, data, space = _cli_files(tmp_path)
     out = tmp_path / "best.onnx"
     code = main(["search", str(src), "--data", str(data), "--space", str(space), "-o", str(out), "--trials", "4",
                  "--workers", "1", "--min-cosine", "0.99", "--no-cache", "--json", "-q"])
@@ -202,9 +208,7 @@ def test_cli_search_writes_the_best_model(tmp_path, capsys):
     (["--ray", "127.0.0.1:1"], "cannot reach"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, match):
-    src, data = tmp_path / "m.onnx", tmp_path / "d.npz"
-    save_model(tiny_cnn(), src)
-    np.savez(data, x=np.random.default_rng(1).standard_normal((64, 3, 16, 16)).astype(np.float32))
+    src, data, _ = _cli_files(tmp_path)
     if "--ray" in argv:
         pytest.importorskip("ray")
     code = main(["search", str(src), "--data", str(data), "--no-cache", "-q", *argv])
@@ -221,12 +225,7 @@ def _no_network(page: str) -> bool:
 def test_search_html_report_is_self_contained(tmp_path, capsys):
     from html.parser import HTMLParser
 
-    src, data, space = tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "space.yaml"
-    save_model(tiny_cnn(), src)
-    np.savez(data, x=np.random.default_rng(1).standard_normal((64, 3, 16, 16)).astype(np.float32))
-    import yaml
-
-    space.write_text(yaml.safe_dump(SPACE))
+    src, data, space = _cli_files(tmp_path)
     page_path = tmp_path / "r.html"
     code = main(["search", str(src), "--data", str(data), "--space", str(space), "--trials", "3", "--workers", "1",
                  "--min-cosine", "0.99", "--no-cache", "-q", "--report", str(page_path), "--reference", "none"])
@@ -257,3 +256,23 @@ def test_optimize_html_report_is_self_contained(tmp_path):
 def test_malformed_space_entries_are_bad_input(doc, match):
     with pytest.raises((BadInputError, PipelineSyntaxError), match=match):
         space_from_mapping(doc)
+
+
+def test_time_budget_bounds_the_whole_search(monkeypatch):
+    """A fake clock: every trial takes 10 s. With a 100 s budget and batches of 2 on one worker
+    (20 s each), asking stops while the slowest batch and the front's re-check still fit."""
+    import onnxcomp.search.driver as driver
+
+    clock = [0.0]
+    monkeypatch.setattr(driver.time, "perf_counter", lambda: clock[0])
+    job = _job()
+
+    class Slow(_Counting):
+        def run(self, trials, held, on_result=None):
+            out = super().run(trials, held, on_result)
+            clock[0] += 10.0 * len(trials)
+            return out
+
+    res = run_search(job, space_from_mapping(SPACE), Slow(job), trials=50, batch=2, time_budget=100.0, coarse_samples=16)
+    assert len(res.trials) == 8  # 4 batches of 20 s; a 5th would leave less than 40 s
+    assert res.seconds <= 100.0 and "time budget" in res.notes[0]

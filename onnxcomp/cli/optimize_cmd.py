@@ -120,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
         print("guard: no --data, nothing to check the passes on; checks on random inputs are figures only "
               "(give --data to guard the run, --no-guard to silence this)", file=sys.stderr)
     try:
-        out_model, report = pipeline.run(model, ctx, tolerance=tolerance, validate=validate, guard=guard)
+        out_model, report = pipeline.run(model, ctx, tolerance=tolerance, validate=validate, guard=guard,
+                                         layer_errors=bool(args.report and str(args.report).endswith((".html", ".htm"))))
     except ValidationFailed as exc:
         if exc.report is not None:
             _emit(args, exc.report)

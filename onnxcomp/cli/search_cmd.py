@@ -24,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--objective", action="append", choices=OBJECTIVES, default=None,
                    help="what to minimise, as a ratio to the input (repeat for two: a Pareto front; default lzma)")
     p.add_argument("--trials", type=int, default=24, help="trials to run (default 24)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="S", help="stop asking for trials after S seconds")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S", help="the whole search within about S seconds: no batch is asked that would not leave time to "
+                        "re-judge the front")
     p.add_argument("--seed", type=int, default=0, help="sampler and pass seed (same seed, same trials)")
     p.add_argument("--space", default=None, metavar="SPACE.yaml", help="the search space (default: from the passes' options)")
     p.add_argument("--workers", type=int, default=None, help="trials at once (default: the core count)")

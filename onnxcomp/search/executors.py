@@ -101,6 +101,7 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, job: Job, address: str, workers: int):
+        self.workers = max(1, int(workers))
         try:
             import ray
         except ImportError:
