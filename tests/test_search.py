@@ -276,3 +276,20 @@ def test_time_budget_bounds_the_whole_search(monkeypatch):
     res = run_search(job, space_from_mapping(SPACE), Slow(job), trials=50, batch=2, time_budget=100.0, coarse_samples=16)
     assert len(res.trials) == 8  # 4 batches of 20 s; a 5th would leave less than 40 s
     assert res.seconds <= 100.0 and "time budget" in res.notes[0]
+
+
+def test_two_objectives_give_a_pareto_front():
+    """NSGA-II on lzma and MACs: the front's members are feasible and none dominates another."""
+    space = {"passes": [
+        {"codebook": {"bits": [3, 4, 6, 8], "min_params": 16, "weighting": "none", "required": False}},
+        {"tucker": {"rank": [0.25, 0.5, 0.75], "objective": "macs", "round": 1, "min_gain": -1, "required": False}},
+    ]}
+    job = _job(tol=Tolerance(min_cosine=0.9), objectives=("lzma", "macs"))
+    res = run_search(job, space_from_mapping(space), _Counting(job), trials=12, batch=4, coarse_samples=16)
+    assert res.front and all(r.status == FEASIBLE for r in res.front)
+    for a in res.front:
+        for b in res.front:
+            if a is not b:
+                assert not (all(a.values[o] <= b.values[o] for o in ("lzma", "macs"))
+                            and any(a.values[o] < b.values[o] for o in ("lzma", "macs")))
+    assert len({r.pipeline for r in res.trials}) > 1

@@ -82,7 +82,8 @@ def run_search(job: Job, space: Space, executor, *, trials: int, batch: int = 4,
                references: Sequence[str] = ()) -> SearchResult:
     """Run the search (see the module docstring). `coarse_samples`: held-out samples each trial is
     judged on first (None: all); the front is then re-judged on all of them. `time_budget` bounds the
-    whole search, front re-check included (estimated from the trials' own times). `references`:
+    whole search, front re-check included (estimated from the slowest batch's wall time); how many
+    trials fit is then the machine's call, so only a search without a budget repeats exactly. `references`:
     pipelines judged on every held-out sample beside the search (e.g. "int8", what a user would try
     instead), numbered -1, -2, ..."""
     t0 = time.perf_counter()
