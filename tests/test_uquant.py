@@ -58,6 +58,7 @@ def test_step_for_bits_spans_the_range():
     w = np.array([-1.0, 0.0, 0.5, 2.0], dtype=np.float32)
     assert uq.step_for_bits(w, 4) == pytest.approx(3.0 / 15)
     assert uq.step_for_bits(np.zeros(4, np.float32), 4) == 0.0
+    assert uq.step_for_bits(np.full(8, 0.3, np.float32), 4) == 0.0  # one value: left exact
 
 
 # ---------------------------------------------------------------------------------------------

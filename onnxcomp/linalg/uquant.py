@@ -26,13 +26,13 @@ def dither(seed: int, key: str, count: int, step: float) -> np.ndarray:
 
 def step_for_bits(weight: np.ndarray, bits: int) -> float:
     """The step that spreads 2^bits levels over the nonzero weights' range (a b-bit-equivalent
-    quantizer; the dither adds at most one level). 0.0 for a tensor with fewer than two values."""
+    quantizer; the dither adds at most one level). 0.0 for a tensor with fewer than two distinct
+    nonzero values."""
     nz = weight[weight != 0]
     if nz.size == 0:
         return 0.0
     span = float(nz.max()) - float(nz.min())
-    if span <= 0:
-        span = 2.0 * abs(float(nz.max()))
+    # one distinct value: nothing to quantize (the dither would only add noise to an exact tensor)
     return span / (2**bits - 1) if span > 0 else 0.0
 
 
