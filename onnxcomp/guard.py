@@ -201,10 +201,16 @@ def measured_costs(check: Any, ref: onnx.ModelProto) -> list[LayerCost]:
     return out
 
 
+def exclude_regex(exclude: str | None, names: list[str]) -> str | None:
+    """`exclude` (a regex or None) widened to also match each of `names` exactly."""
+    if not names:
+        return exclude
+    extra = "|".join(f"^{re.escape(n)}$" for n in names)
+    return f"(?:{exclude})|{extra}" if exclude else extra
+
+
 def with_excluded(p: Pass, names: list[str]) -> Pass:
     """A copy of pass `p` whose exclude regex also matches the given node names exactly."""
     if not names:
         return p
-    extra = "|".join(f"^{re.escape(n)}$" for n in names)
-    exclude = f"(?:{p.config.exclude})|{extra}" if p.config.exclude else extra
-    return type(p)(dataclasses.replace(p.config, exclude=exclude))
+    return type(p)(dataclasses.replace(p.config, exclude=exclude_regex(p.config.exclude, names)))

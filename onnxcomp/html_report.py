@@ -223,17 +223,24 @@ def search_page(result: dict, front_png: bytes | None, source: str = "") -> str:
         for t in trials:
             f = t.get("figures", {})
             acc = f.get("cand_top1_acc", f.get("top1_agreement", f.get("sequence_agreement")))
-            rows.append([t["number"], t["status"], *[t.get("values", {}).get(o) for o in objs],
-                         f"{acc:.2f}%" if isinstance(acc, (int, float)) else "-", t.get("samples"),
+            m = f.get("metric")
+            shown = (f"{m['candidate']:.4g}" if isinstance(m, dict) and isinstance(m.get("candidate"), (int, float))
+                     else f"{acc:.2f}%" if isinstance(acc, (int, float)) else "-")
+            rows.append([t["number"], t["status"], *[t.get("values", {}).get(o) for o in objs], shown, t.get("samples"),
                          round(t.get("seconds", 0.0), 1), _Raw(f"<code>{_e(t['pipeline'])}</code>"), t.get("reason", "")])
             cls.append("" if t["status"] == "feasible" else "skipped")
         return rows, cls
-    headers = ["trial", "status", *[f"{o} ratio" for o in objs], "accuracy", "samples", "seconds", "pipeline", "why"]
+    by_metric = any(isinstance(t.get("figures", {}).get("metric"), dict) for t in result.get("trials", []))
+    headers = ["trial", "status", *[f"{o} ratio" for o in objs], "metric" if by_metric else "accuracy", "samples",
+               "seconds", "pipeline", "why"]
     rows, cls = rows_for(result.get("front", []) + result.get("references", []))
     sections.append("<h2>Front (re-judged on every held-out sample) and references</h2>" + _table(headers, rows, cls))
     rows, cls = rows_for(result.get("trials", []))
     sections.append(f"<h2>Every trial</h2><details><summary>{len(rows)} trials</summary>"
                     + _table(headers, rows, cls) + "</details>")
+    if result.get("notes"):
+        sections.append("<h2>Warm start and budget</h2><ul>"
+                        + "".join(f"<li>{_e(n)}</li>" for n in result["notes"]) + "</ul>")
     sub = (f"{len(result.get('trials', []))} trials on {_e(result.get('executor'))}, {result.get('seconds', 0):.0f} s, "
            f"objectives {', '.join(objs)}; judged on {result.get('coarse_samples')} held-out samples, the front on "
            f"{result.get('full_samples')}" + (f"; input {_e(source)}" if source else ""))

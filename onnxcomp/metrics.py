@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import math
 import sys
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,12 +49,15 @@ class MetricScore:
 class UserMetric:
     """A loaded `module:function` (a module on sys.path, or a path to a .py file before the colon)."""
 
-    def __init__(self, spec: str, max_drop: float | None = None):
+    def __init__(self, spec: str, max_drop: float | None = None, source: str | None = None):
+        """`source`: the text of the spec's .py file, run instead of reading the file (a search ships
+        it to workers that may not have the file)."""
         if max_drop is not None and not (isinstance(max_drop, (int, float)) and math.isfinite(max_drop)):
             raise BadInputError(f"--max-metric-drop {max_drop!r}: expected a finite number")
         self.spec = spec
         self.max_drop = max_drop
-        self.fn = _load(spec)
+        self.fn = _load(spec, source)
+        self.source = source if source is not None else file_source(spec)
 
     def _call(self, ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], labels: np.ndarray | None):
         try:
@@ -87,12 +91,30 @@ class UserMetric:
         return MetricScore(self.spec, ref_score, cand_score, higher, self.max_drop)
 
 
-def _load(spec: str) -> Callable:
+def file_source(spec: str) -> str | None:
+    """The text of the .py file a `path/to/file.py:function` spec names (None for a module spec or a
+    file that cannot be read; loading the metric reports those)."""
+    module_name = spec.rpartition(":")[0]
+    if not module_name.endswith(".py"):
+        return None
+    try:
+        return Path(module_name).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _load(spec: str, source: str | None = None) -> Callable:
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise BadInputError(f"--metric {spec!r}: expected module:function (or path/to/file.py:function)")
     try:
-        if module_name.endswith(".py"):
+        if module_name.endswith(".py") and source is not None:
+            path = Path(module_name)
+            module = types.ModuleType(f"onnxcomp_user_metric_{path.stem}")
+            module.__file__ = str(path)
+            sys.modules[module.__name__] = module
+            exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 - the user's own metric
+        elif module_name.endswith(".py"):
             path = Path(module_name)
             if not path.is_file():
                 raise BadInputError(f"--metric {spec}: no such file {path}")

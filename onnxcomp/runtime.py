@@ -32,8 +32,28 @@ CAPTURE_BUDGET = 256 * 2**20
 # --------------------------------------------------------------------------------------------
 # sessions
 # --------------------------------------------------------------------------------------------
+THREADS_ENV = "ONNXCOMP_THREADS"
+
+
+def default_threads() -> int | None:
+    """The intra-op thread count for sessions that are not given one: $ONNXCOMP_THREADS when set
+    (a search's local workers set it to their share of the cores, so two workers do not both use
+    every core), else None (onnxruntime's own default: one thread per core)."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise BadInputError(f"${THREADS_ENV}={value!r}: expected a positive integer") from None
+    if n < 1:
+        raise BadInputError(f"${THREADS_ENV}={value!r}: expected a positive integer")
+    return n
+
+
 def session_options(*, optimize: bool = True, threads: int | None = None, spin: bool = True) -> ort.SessionOptions:
-    """CPU session options: full graph optimisation or none, a fixed thread count when given.
+    """CPU session options: full graph optimisation or none, a fixed thread count when given
+    (else `default_threads()`).
 
     `spin=False` stops the intra-op threads from busy-waiting after each parallel section. Timing
     sessions need it: when two sessions run interleaved on a 2-core machine, the previous session's
@@ -45,6 +65,8 @@ def session_options(*, optimize: bool = True, threads: int | None = None, spin: 
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     so.log_severity_level = 3
+    if threads is None:
+        threads = default_threads()
     if threads is not None:
         if threads < 1:
             raise BadInputError(f"threads must be at least 1, got {threads}")

@@ -68,10 +68,11 @@ def test_passes_json(capsys):
     norm = next(p for p in info if p["name"] == "normalize")
     opts = {o["name"]: o for o in norm["options"]}
     assert opts["fold_bn"] == {"name": "fold_bn", "type": "bool", "default": True, "help": opts["fold_bn"]["help"],
-                               "choices": [], "common": False, "search": None}
+                               "choices": [], "common": False, "search": None, "stronger": None}
     assert opts["include"]["common"] is True and opts["fold_bn"]["help"]
     codebook = {o["name"]: o for o in next(p for p in info if p["name"] == "codebook")["options"]}
     assert codebook["avg_bits"]["search"] == [6.0, 5.0, 4.0, 3.0]  # the default search space, documented
+    assert codebook["avg_bits"]["stronger"] == "lower"  # and which way it compresses more
     assert norm["needs_data"] is False and "Conv" in norm["ops"]
 
 

@@ -147,13 +147,13 @@ class _Counting:
     def __init__(self, job, stop_after=None):
         self.job, self.ran, self.stop_after = job, [], stop_after
 
-    def run(self, trials, held, on_result=None):
+    def run(self, trials, held, on_result=None, guarded=False):
         out = []
         for n, p in trials:
             if self.stop_after is not None and len(self.ran) >= self.stop_after:
                 raise KeyboardInterrupt
-            self.ran.append((p, held))
-            out.append(run_trial(self.job, n, p, held))
+            self.ran.append((p, held, guarded))
+            out.append(run_trial(self.job, n, p, held, guarded=guarded))
             if on_result is not None:
                 on_result(out[-1])
         return out
@@ -161,14 +161,15 @@ class _Counting:
 
 def test_resume_repeats_no_finished_trial(tmp_path):
     job = _job()
-    first = _Counting(job, stop_after=4)  # the first batch of 3, and one trial of the second
+    first = _Counting(job, stop_after=6)  # the 2 probes, the first batch of 3, and one trial of the second
     with pytest.raises(KeyboardInterrupt):
         _search(first, job, TrialCache(tmp_path, job.digest()))
+    assert sum(1 for *_, guarded in first.ran if guarded) == 2
     again = _Counting(job)
     res = _search(again, job, TrialCache(tmp_path, job.digest()))
     assert len(res.trials) == 6
-    assert not set(first.ran) & set(again.ran)  # nothing that finished is run again
-    assert res.cached >= 4  # the 4 finished, and any pipeline the sampler drew twice
+    assert not set(first.ran) & set(again.ran)  # nothing that finished is run again, probes included
+    assert res.cached >= 6  # the 6 finished, and any pipeline the sampler drew twice
     fresh = _search(_Counting(job), job)  # and the resumed search is the uninterrupted one
     assert [(t.pipeline, t.status, t.values) for t in res.trials] == [(t.pipeline, t.status, t.values) for t in fresh.trials]
 
@@ -259,8 +260,9 @@ def test_malformed_space_entries_are_bad_input(doc, match):
 
 
 def test_time_budget_bounds_the_whole_search(monkeypatch):
-    """A fake clock: every trial takes 10 s. With a 100 s budget and batches of 2 on one worker
-    (20 s each), asking stops while the slowest batch and the front's re-check still fit."""
+    """A fake clock: every trial takes 10 s. With a 100 s budget, the warm start's 2 probes (20 s)
+    and batches of 2 on one worker (20 s each), asking stops while the slowest batch and the
+    front's re-check still fit."""
     import onnxcomp.search.driver as driver
 
     clock = [0.0]
@@ -268,14 +270,14 @@ def test_time_budget_bounds_the_whole_search(monkeypatch):
     job = _job()
 
     class Slow(_Counting):
-        def run(self, trials, held, on_result=None):
-            out = super().run(trials, held, on_result)
+        def run(self, trials, held, on_result=None, guarded=False):
+            out = super().run(trials, held, on_result, guarded)
             clock[0] += 10.0 * len(trials)
             return out
 
     res = run_search(job, space_from_mapping(SPACE), Slow(job), trials=50, batch=2, time_budget=100.0, coarse_samples=16)
-    assert len(res.trials) == 8  # 4 batches of 20 s; a 5th would leave less than 40 s
-    assert res.seconds <= 100.0 and "time budget" in res.notes[0]
+    assert len(res.trials) == 6  # probes to 20 s, 3 batches of 20 s; a 4th would leave less than 40 s
+    assert res.seconds <= 100.0 and any("time budget" in n for n in res.notes)
 
 
 def test_two_objectives_give_a_pareto_front():
@@ -293,3 +295,122 @@ def test_two_objectives_give_a_pareto_front():
                 assert not (all(a.values[o] <= b.values[o] for o in ("lzma", "macs"))
                             and any(a.values[o] < b.values[o] for o in ("lzma", "macs")))
     assert len({r.pipeline for r in res.trials}) > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the warm start's probes, domain ends, user metrics, worker threads
+# ---------------------------------------------------------------------------------------------
+
+
+def test_probes_leave_fragile_layers_out_of_the_first_trials():
+    """At bits=2 the guard puts conv1 back (on the tiny model, min cosine 0.9): the space then offers
+    leaving it out, and the first trial is codebook at its strongest without it, which holds where
+    the same setting with conv1 breaks the tolerance. Tucker at rank 0.5 holds only with every layer
+    put back, so its trials start mild."""
+    from onnxcomp.search.driver import probe_passes
+
+    job = _job(tol=Tolerance(min_cosine=0.9))
+    runner = _Counting(job)
+    probes = probe_passes(job, space_from_mapping(SPACE), runner, 16)
+    assert [g for *_, g in runner.ran] == [True, True]  # both probes ran under the guard
+    codebook, tucker = probes.results
+    assert codebook.figures["restored"] == {"codebook": ["conv1"]} and codebook.figures["rewritten"]["codebook"] == 2
+    assert probes.strong == ["codebook"]
+    assert sorted(tucker.figures["restored"]["tucker"]) == ["conv1", "conv2", "fc"]
+    assert any("every layer it rewrites put back" in n for n in probes.notes)
+    dom = {p.name: p for p in probes.space.passes}["codebook"].domains["exclude"]
+    assert dom.choices == (None, "^conv1$")
+    assert "exclude" not in {p.name: p for p in probes.space.passes}["tucker"].domains
+    first = probes.space.pipeline(warm_start(probes.space, probes.strong)[0])
+    assert first == "codebook{min_params=16,weighting=none,bits=2,exclude=^conv1$}"
+    assert run_trial(job, 0, first, 16).status == FEASIBLE
+    assert run_trial(job, 1, "codebook{min_params=16,weighting=none,bits=2}", 16).status == INFEASIBLE
+    for params in warm_start(probes.space, probes.strong):  # every warm-start trial leaves conv1 out
+        assert "exclude=^conv1$" in probes.space.pipeline(params)
+
+
+def test_a_domains_ends_follow_the_options_direction():
+    from onnxcomp.search.space import Domain
+
+    assert (Domain(choices=(8, 2, 4), stronger="lower").mildest(), Domain(choices=(8, 2, 4), stronger="lower").strongest()) == (8, 2)
+    assert Domain(low=0.1, high=0.4, stronger="higher").strongest() == 0.4
+    assert Domain(low=2, high=6, integer=True, stronger="lower").strongest() == 2
+    assert Domain(choices=("macs:0.85", "macs:0.5")).strongest() == "macs:0.5"  # no direction: the order given
+    space = space_from_mapping({"passes": [{"codebook": {"avg_bits": {"low": 2, "high": 6}}}]})
+    assert space.alone_at_strongest(space.passes[0]) == "codebook{avg_bits=2.0}"
+
+
+METRIC_SRC = '''
+import os
+import numpy as np
+
+def threads_seen(ref, cand, labels):
+    """The worker's ONNXCOMP_THREADS, as a score (so a test can read it back)."""
+    return float(os.environ.get("ONNXCOMP_THREADS", "0")), True
+
+def cosine(ref, cand, labels):
+    (r,), (c,) = ref.values(), cand.values()
+    r, c = r.reshape(len(r), -1), c.reshape(len(c), -1)
+    cos = (r * c).sum(1) / (np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1))
+    return float(cos.min()), True
+'''
+
+
+def test_the_metric_travels_with_the_job_and_workers_get_their_share_of_threads(tmp_path):
+    """The metric file's text is in the job (a worker without the file still runs it), and each
+    local worker runs with ONNXCOMP_THREADS set to its share of the cores; the driver's own
+    environment is left as it was."""
+    import os
+
+    path = tmp_path / "m.py"
+    path.write_text(METRIC_SRC)
+    base = _job()
+    job = Job(base.model, base.fit, base.held, base.tolerance, base.objectives, seed=base.seed,
+              metric=f"{path}:threads_seen", metric_source=METRIC_SRC)
+    path.unlink()
+    before = os.environ.get("ONNXCOMP_THREADS")
+    pool = LocalPool(job, 2, threads=1)
+    try:
+        res = pool.run([(0, "codebook{bits=8,min_params=16,weighting=none}")], 16)
+    finally:
+        pool.close()
+    assert res[0].status == FEASIBLE, res[0].reason
+    assert res[0].figures["metric"]["candidate"] == 1.0
+    assert os.environ.get("ONNXCOMP_THREADS") == before
+
+
+def test_session_threads_default_to_the_environment(monkeypatch):
+    from onnxcomp.runtime import session_options
+
+    monkeypatch.setenv("ONNXCOMP_THREADS", "1")
+    assert session_options().intra_op_num_threads == 1
+    assert session_options(threads=2).intra_op_num_threads == 2
+    monkeypatch.setenv("ONNXCOMP_THREADS", "zero")
+    with pytest.raises(BadInputError, match="ONNXCOMP_THREADS"):
+        session_options()
+
+
+def test_cli_search_with_a_bounded_metric(tmp_path, capsys):
+    """--metric with --max-metric-drop is the verdict (no tolerance flag): a trial whose metric drops
+    more is infeasible; the front table shows the metric's score."""
+    src, data, space = _cli_files(tmp_path)
+    (tmp_path / "m.py").write_text(METRIC_SRC)
+    code = main(["search", str(src), "--data", str(data), "--space", str(space), "--trials", "6", "--workers", "1",
+                 "--metric", f"{tmp_path / 'm.py'}:cosine", "--max-metric-drop", "0.01", "--no-cache", "--json",
+                 "-q", "--reference", "none"])
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    for t in doc["trials"]:
+        m = t["figures"]["metric"]
+        assert m["reference"] == pytest.approx(1.0, abs=1e-6)
+        assert (t["status"] == FEASIBLE) == (m["drop"] <= 0.01), t
+    assert any(t["status"] == INFEASIBLE for t in doc["trials"])  # bits=2 breaks it
+    assert doc["best"]["figures"]["metric"]["drop"] <= 0.01
+
+
+def test_cli_search_refuses_an_unusable_metric(tmp_path, capsys):
+    src, data, space = _cli_files(tmp_path)
+    code = main(["search", str(src), "--data", str(data), "--space", str(space), "--metric", "nope.py:f",
+                 "--no-cache", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "nope.py" in err[0]

@@ -41,6 +41,7 @@ def describe_passes() -> list[dict]:
                 "choices": list(f.metadata.get("choices", ())),
                 "common": f.name in common,
                 "search": _jsonable(f.metadata.get("search")),
+                "stronger": f.metadata.get("stronger"),
             })
         out.append({"name": name, "summary": cls.summary, "ops": list(cls.default_ops),
                     "needs_data": cls.needs_data, "options": opts})
@@ -70,9 +71,12 @@ def run(args: argparse.Namespace) -> int:
                 continue
             choices = f" ({'|'.join(o['choices'])})" if o["choices"] else ""
             searched = f"  [searched: {o['search']}]" if o["search"] is not None else ""
+            if o["stronger"]:
+                searched += f"  [{o['stronger']} compresses more]"
             print(f"  {o['name']}={o['default']!s} ({o['type']}){choices}  {o['help']}{searched}")
         print()
     print("every pass also takes include=REGEX, exclude=REGEX and ops=A|B to choose layers")
     print("`onnxcomp search` without --space searches the [searched] options; each such pass is optional in a "
-          "trial, in the order trim, tucker, winograd, codebook, int8, uquant")
+          "trial, in the order trim, tucker, winograd, codebook, int8, uquant; its warm start probes each pass "
+          "at its strongest setting under the guard")
     return 0

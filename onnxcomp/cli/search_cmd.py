@@ -40,6 +40,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="concrete shape for an input with symbolic dims (repeatable)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per batch when reading data")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the trial cache")
+    p.add_argument("--warm-start", choices=("probe", "mild"), default="probe",
+                   help="probe (default): first run each pass alone at its strongest setting under the guard, "
+                        "whose per-layer repair finds the layers it cannot take; the first trials then use each "
+                        "pass at its strongest with those layers left out, and leaving them out becomes a searched "
+                        "choice. mild: start from the mildest settings")
     p.add_argument("--reference", action="append", default=None, metavar="PIPELINE",
                    help="pipelines judged beside the search and marked on the plot (default: int8{objective=any}; "
                         "'none' for none)")
@@ -55,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from onnxcomp.cli.common import print_json, task_from_args, tolerance_from_args
+    from onnxcomp.cli.common import metric_from_args, print_json, task_from_args, tolerance_from_args
     from onnxcomp.costmodel import cache_root
     from onnxcomp.errors import EXIT_VALIDATION_FAILED, BadInputError
     from onnxcomp.model import check_output_path, load_model, model_bytes, save_model
@@ -81,22 +86,25 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.output, args.plot, args.report):
         if path:
             check_output_path(path, protect=(args.model,))
-    if args.metric:
-        raise BadInputError("--metric is not supported by search yet; use the tolerance flags")
+    metric = metric_from_args(args)  # an unusable --metric is exit 2 before any trial
     wants_png = bool(args.plot) or bool(args.report and args.report.endswith((".html", ".htm")))
     if wants_png:
         try:
             import matplotlib  # noqa: F401  (checked now: not after the whole search)
         except ImportError:
             raise BadInputError("--plot and an HTML --report need matplotlib: pip install 'onnxcomp[eval]'") from None
-    tolerance = tolerance_from_args(args, default=GUARD_DEFAULT)
+    tolerance = tolerance_from_args(args)
+    if tolerance is None and (metric is None or metric.max_drop is None):
+        tolerance = GUARD_DEFAULT  # a bounded --metric alone is the verdict, as in optimize
     space = load_space(args.space) if args.space else default_space(has_data=True)
     shapes = parse_input_shapes(args.input_shape)
     model = load_model(args.model)
     fit, held = _split_arrays(model, args.data, shapes, args.batch_size)
     workers = args.workers or os.cpu_count() or 1
     job = Job(model_bytes(model), fit, held, tolerance, objectives, seed=args.seed, task=task_from_args(args),
-              input_shapes=shapes, latency_threads=max(1, (os.cpu_count() or 1) // workers))
+              input_shapes=shapes, latency_threads=max(1, (os.cpu_count() or 1) // workers),
+              metric=args.metric, metric_source=metric.source if metric is not None else None,
+              max_metric_drop=args.max_metric_drop)
     n_held = int(next(iter(held.values())).shape[0])
     coarse = args.coarse if args.coarse is not None else max(32, n_held // 4)
     cache = None if args.no_cache else TrialCache(cache_root() / "search", job.digest())
@@ -107,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     progress = _Progress(args.trials, objectives, quiet=args.quiet)
     try:
         result = run_search(job, space, executor, trials=args.trials, batch=args.batch, time_budget=args.time_budget,
-                            coarse_samples=coarse, cache=cache, on_trial=progress, references=references)
+                            coarse_samples=coarse, cache=cache, on_trial=progress, references=references,
+                            probe=args.warm_start == "probe", on_probe=progress.probe)
     finally:
         executor.close()
     written, note = None, None
@@ -135,12 +144,15 @@ def run(args: argparse.Namespace) -> int:
         text = search_page(doc, png, source=args.model) if args.report.endswith((".html", ".htm")) else \
             _json.dumps(doc, indent=2) + "\n"
         save_text(args.report, text, protect=(args.model,))
+    if not args.quiet:
+        for line in result.notes:
+            print(f"search: {line}", file=sys.stderr)
     if note:
         print(f"onnxcomp: {note}", file=sys.stderr)
     if args.json:
         doc = result.as_dict()
         doc["output"] = written
-        doc["space"] = space.describe()
+        doc["space"] = (result.space or space).describe()
         print_json(doc)
     else:
         print(_front_table(result))
@@ -198,11 +210,21 @@ def _rebuild(model, best, fit, held, job):
     if hashlib.sha256(model_bytes(out)).hexdigest() == best.figures.get("model_sha256"):
         return out, None
     check = compare(model, out, open_source(dict(held), model=model, input_shapes=job.input_shapes), job.tolerance,
-                    task=job.task)
+                    task=job.task, metric=job.user_metric())
     if not check.passed:
         return None, (f"trial {best.number} made again differs from the one judged (a timing-driven choice) and "
                       f"fails the tolerance: {check.describe()}; nothing written")
     return out, f"trial {best.number} made again differs from the one judged (a timing-driven choice); it passes the tolerance again"
+
+
+def _accuracy(r) -> str:
+    """A trial's headline quality figure: the user metric's score when there is one, else top-1
+    accuracy (labels), top-1 agreement, or whole-sequence agreement."""
+    m = r.figures.get("metric")
+    if isinstance(m, dict) and isinstance(m.get("candidate"), (int, float)):
+        return f"{m['candidate']:.4g}"
+    acc = r.figures.get("cand_top1_acc", r.figures.get("top1_agreement", r.figures.get("sequence_agreement")))
+    return f"{acc:.2f}%" if isinstance(acc, (int, float)) else "-"
 
 
 def _front_table(result) -> str:
@@ -210,22 +232,20 @@ def _front_table(result) -> str:
 
     rows = []
     for r in result.front:
-        acc = r.figures.get("cand_top1_acc", r.figures.get("top1_agreement", r.figures.get("sequence_agreement")))
-        rows.append([r.number, *[f"{r.values[o]:.4f}" for o in result.objectives],
-                     f"{acc:.2f}%" if isinstance(acc, (int, float)) else "-", r.pipeline])
+        rows.append([r.number, *[f"{r.values[o]:.4f}" for o in result.objectives], _accuracy(r), r.pipeline])
     counts = {s: sum(1 for t in result.trials if t.status == s) for s in ("feasible", "infeasible", "failed")}
     head = (f"search: {len(result.trials)} trials ({counts['feasible']} feasible, {counts['infeasible']} infeasible, "
             f"{counts['failed']} failed; {result.cached} from the cache) on {result.executor}, {result.seconds:.0f} s; "
             f"judged on {result.coarse_samples} held-out samples, the front on {result.full_samples}")
     for r in result.references:
-        acc = r.figures.get("cand_top1_acc", r.figures.get("top1_agreement", r.figures.get("sequence_agreement")))
         rows.append([f"ref {r.status}", *[f"{r.values[o]:.4f}" if o in r.values else "-" for o in result.objectives],
-                     f"{acc:.2f}%" if isinstance(acc, (int, float)) else "-", r.pipeline])
+                     _accuracy(r), r.pipeline])
     if not result.front:
         head += "\nno feasible trial"
     if not rows:
         return head
-    return head + "\n" + table(rows, ["trial", *[f"{o} ratio" for o in result.objectives], "accuracy", "pipeline"])
+    quality = "metric" if any(isinstance(r.figures.get("metric"), dict) for r in result.front) else "accuracy"
+    return head + "\n" + table(rows, ["trial", *[f"{o} ratio" for o in result.objectives], quality, "pipeline"])
 
 
 class _Progress:
@@ -235,6 +255,16 @@ class _Progress:
         import time
 
         self.total, self.objectives, self.quiet, self.t0 = total, objectives, quiet, time.perf_counter()
+
+    def probe(self, result) -> None:
+        if self.quiet:
+            return
+        restored = sum(len(v) for v in result.figures.get("restored", {}).values())
+        what = (result.reason if result.status == "failed" else
+                "dropped by the guard" if result.figures.get("dropped") else
+                f"{restored} layer(s) put back" if restored else "holds")
+        print(f"probe {result.pipeline} under the guard: {result.status}, {what} ({result.seconds:.0f} s)",
+              file=sys.stderr, flush=True)
 
     def __call__(self, result, done) -> None:
         import time

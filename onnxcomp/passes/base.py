@@ -27,15 +27,22 @@ REWRITTEN = "rewritten"
 SKIPPED = "skipped"
 
 
-def option(default: Any, help: str, choices: Iterable[str] | None = None, search: Any = None) -> Any:
+def option(default: Any, help: str, choices: Iterable[str] | None = None, search: Any = None,
+           stronger: str | None = None) -> Any:
     """Declare a config field with its one-line help (and optional allowed values). `search` is the
     option's domain in the default search space (`onnxcomp.search.space`): a list of values or a
-    {low, high[, step]} range; options without one are not searched by default."""
+    {low, high[, step]} range; options without one are not searched by default. `stronger`:
+    "lower" or "higher", which way a numeric value compresses more (the search's warm start reads
+    a domain's mildest and strongest ends from it)."""
     meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
     if search is not None:
         meta["search"] = search
+    if stronger is not None:
+        if stronger not in ("lower", "higher"):
+            raise ValueError(f"stronger must be 'lower' or 'higher', got {stronger!r}")
+        meta["stronger"] = stronger
     return field(default=default, metadata=meta)
 
 

@@ -40,8 +40,9 @@ _MAX_LEVELS = 2**22  # float32 holds step * n - u exactly enough to give n back 
 
 @dataclass
 class UquantConfig(PassConfig):
-    bits: int = option(8, "per tensor, a step spreading 2^bits levels over the weights' range (ignored with step)")
-    step: float = option(0.0, "one quantization step for every tensor (0: from bits)")
+    bits: int = option(8, "per tensor, a step spreading 2^bits levels over the weights' range (ignored with step)",
+                       stronger="lower")
+    step: float = option(0.0, "one quantization step for every tensor (0: from bits)", stronger="higher")
     seed: int = option(0, "dither seed (shared with the decoder through the model's metadata)")
     min_params: int = option(1024, "leave weights with fewer elements alone")
 

@@ -9,7 +9,9 @@ then recorded as failed with the reason; the search goes on. No pass imports thi
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -30,18 +32,46 @@ def _init_worker(job: Job) -> None:
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the worker's whole life
 
 
-def _work(number: int, pipeline: str, held_samples: int | None) -> TrialResult:
+def _work(number: int, pipeline: str, held_samples: int | None, guarded: bool = False) -> TrialResult:
     assert _JOB is not None, "worker without a job"
-    return run_trial(_JOB, number, pipeline, held_samples)
+    return run_trial(_JOB, number, pipeline, held_samples, guarded=guarded)
+
+
+# Thread-count variables a worker starts with: onnxcomp's onnxruntime sessions, and the BLAS numpy
+# and scipy load (read once, when the library loads, so they must be in the environment at spawn).
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _spawn_env(threads: int):
+    """The driver's environment, while workers are spawned, with every thread count set to `threads`
+    (a spawned process copies the environment at its start; the driver's own is put back after)."""
+    from onnxcomp.runtime import THREADS_ENV
+
+    names = (THREADS_ENV, *_THREAD_VARS)
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update({k: str(threads) for k in names})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class LocalPool:
-    """`workers` processes (spawned: onnxruntime's threads do not survive a fork), each given the job once."""
+    """`workers` processes (spawned: onnxruntime's threads do not survive a fork), each given the job
+    once. Each worker runs with its share of the cores (`threads`, default cores // workers) for
+    onnxruntime and BLAS, as Ray does for its one-CPU tasks: two workers that each used every core
+    ran 8 trials in 86 s where one worker took 93 s (benchmarks/search.py)."""
 
     name = "local"
 
-    def __init__(self, job: Job, workers: int):
+    def __init__(self, job: Job, workers: int, threads: int | None = None):
         self.job, self.workers = job, max(1, int(workers))
+        self.threads = max(1, int(threads)) if threads else max(1, (os.cpu_count() or 1) // self.workers)
         self._pool: ProcessPoolExecutor | None = None
 
     def _fresh_pool(self) -> ProcessPoolExecutor:
@@ -52,8 +82,9 @@ class LocalPool:
         return self._pool
 
     def run(self, trials: Sequence[tuple[int, str]], held_samples: int | None,
-            on_result: Callable[[TrialResult], None] | None = None) -> list[TrialResult]:
-        """Every trial's result, in trial order; `on_result` is called as each one finishes. When a
+            on_result: Callable[[TrialResult], None] | None = None, guarded: bool = False) -> list[TrialResult]:
+        """Every trial's result, in trial order (`guarded`: run under the guard, see
+        onnxcomp.search.trial.run_trial); `on_result` is called as each one finishes. When a
         worker dies, every trial still in the broken pool is a suspect: each is run again alone in a
         fresh pool, and only one that kills its worker alone is recorded as failed (the others, which
         merely ran beside it, get their real result)."""
@@ -65,7 +96,8 @@ class LocalPool:
                 on_result(r)
 
         pool = self._pool or self._fresh_pool()
-        futures = {pool.submit(_work, n, p, held_samples): (n, p) for n, p in trials}
+        with _spawn_env(self.threads):  # workers are spawned as tasks are submitted
+            futures = {pool.submit(_work, n, p, held_samples, guarded): (n, p) for n, p in trials}
         suspects: list[tuple[int, str]] = []
         pending = set(futures)
         while pending:
@@ -78,7 +110,9 @@ class LocalPool:
                     suspects.append((n, p))
         for n, p in sorted(suspects):
             try:
-                finish(n, self._fresh_pool().submit(_work, n, p, held_samples).result())
+                with _spawn_env(self.threads):
+                    future = self._fresh_pool().submit(_work, n, p, held_samples, guarded)
+                finish(n, future.result())
             except BrokenProcessPool:
                 finish(n, TrialResult(n, p, FAILED, reason="its worker died running it (twice: beside others, then alone)"))
                 self._fresh_pool()
@@ -90,8 +124,8 @@ class LocalPool:
             self._pool = None
 
 
-def _ray_trial(job: Job, number: int, pipeline: str, held_samples: int | None) -> TrialResult:
-    return run_trial(job, number, pipeline, held_samples)
+def _ray_trial(job: Job, number: int, pipeline: str, held_samples: int | None, guarded: bool = False) -> TrialResult:
+    return run_trial(job, number, pipeline, held_samples, guarded=guarded)
 
 
 class RayExecutor:
@@ -123,10 +157,10 @@ class RayExecutor:
         self.task = ray.remote(max_retries=1, num_cpus=1)(_ray_trial)
 
     def run(self, trials: Sequence[tuple[int, str]], held_samples: int | None,
-            on_result: Callable[[TrialResult], None] | None = None) -> list[TrialResult]:
+            on_result: Callable[[TrialResult], None] | None = None, guarded: bool = False) -> list[TrialResult]:
         """Every trial's result, in trial order; `on_result` is called as each one finishes."""
         ray = self.ray
-        refs = {self.task.remote(self.job_ref, n, p, held_samples): (n, p) for n, p in trials}
+        refs = {self.task.remote(self.job_ref, n, p, held_samples, guarded): (n, p) for n, p in trials}
         results: dict[int, TrialResult] = {}
         pending = list(refs)
         while pending:

@@ -4,23 +4,26 @@ One objective: TPE; two: NSGA-II (a Pareto front). Both with a constraint (a tri
 tolerance is infeasible: recorded with its figures, and the sampler steers away from it) and seeded.
 Trials are asked in batches of a fixed size and told in trial order once the whole batch is back, so
 the same seed gives the same trials whichever executor ran them, and in whatever order they finished.
-Warm start: the first trials are enqueued, not sampled (the space's mildest settings, then the pass
-defaults), so the first batch already holds feasible points near the original.
+Warm start: the first trials are enqueued, not sampled (`warm_start`: from the driver's probes, each
+pass at its strongest setting with the layers the guard found fragile left out; without probes, the
+mildest settings), so the first batch already holds feasible points.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
-from onnxcomp.search.space import Domain, Space
+from onnxcomp.search.space import Domain, PassSpace, Space
 from onnxcomp.search.trial import FAILED, FEASIBLE, TrialResult
 
 
 class Strategy:
-    def __init__(self, space: Space, objectives: Sequence[str], seed: int = 0):
+    def __init__(self, space: Space, objectives: Sequence[str], seed: int = 0, strong: Collection[str] | None = None):
+        """`strong`: the passes the warm start's probes found usable at their strongest setting
+        (see `warm_start`); None: no probes ran."""
         import optuna
 
         optuna.logging.set_verbosity(logging.WARNING)
@@ -40,7 +43,7 @@ class Strategy:
             sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=8, **extra)
         self.study = optuna.create_study(directions=["minimize"] * len(self.objectives), sampler=sampler)
         self._pending: dict[int, Any] = {}
-        for params in warm_start(space):
+        for params in warm_start(space, strong):
             self.study.enqueue_trial(params, skip_if_exists=True)
 
     def ask(self, count: int) -> list[tuple[int, dict[str, Any], str]]:
@@ -89,30 +92,52 @@ def _suggest(trial: Any, key: str, dom: Domain) -> Any:
     return trial.suggest_float(key, float(dom.low), float(dom.high), step=dom.step, log=dom.log and not dom.step)
 
 
-def warm_start(space: Space) -> list[dict[str, Any]]:
-    """Enqueued first trials: each optional pass alone at its mildest setting (the first choice or the
-    low end: the least compression), then every pass together at its mildest settings."""
-    def mild(dom: Domain) -> Any:
-        if dom.choices:
-            return dom.choices[0]
-        return int(dom.low) if dom.integer else float(dom.low)
+def warm_start(space: Space, strong: Collection[str] | None = None) -> list[dict[str, Any]]:
+    """The enqueued first trials.
 
-    out: list[dict[str, Any]] = []
-    optional = [p for p in space.passes if not p.required]
-    for p in optional:
-        params = {q.use_key: q is p for q in optional}
-        params.update({p.key(o): mild(d) for o, d in p.domains.items()})
+    Without probes (`strong` None): each optional pass alone at its mildest setting (the first choice
+    or the low end: the least compression), then every pass together at its mildest settings.
+
+    With the warm start's probes (onnxcomp.search.driver.probe_passes): `strong` names the passes
+    that held the tolerance alone at their strongest setting, once the guard had put back their
+    fragile layers (which the space then offers as an `exclude` choice). Each of those is tried
+    alone at its strongest setting with those layers left out, the others alone at their mildest;
+    then every pass together at its mildest, and together with the strong ones at their strongest.
+    Fragile layers stay out of every warm-start trial."""
+    probed = strong is not None
+
+    def values(p: PassSpace, at_strongest: bool) -> dict[str, Any]:
+        out = {}
+        for o, d in p.domains.items():
+            if o == "exclude" and probed:
+                out[p.key(o)] = d.strongest()  # the probe's fragile layers left out
+            else:
+                out[p.key(o)] = d.strongest() if at_strongest else d.mildest()
+        return out
+
+    def trial(use: Collection[str], strongest: Collection[str]) -> dict[str, Any]:
+        params: dict[str, Any] = {}
         for q in space.passes:
-            if q.required:
-                params.update({q.key(o): mild(d) for o, d in q.domains.items()})
-        out.append(params)
-    together = {q.use_key: True for q in optional}
-    for q in space.passes:
-        together.update({q.key(o): mild(d) for o, d in q.domains.items()})
-    out.append(together)
+            if not q.required:
+                params[q.use_key] = q.name in use
+                if q.name not in use:
+                    continue
+            params.update(values(q, q.name in strongest))
+        return params
+
+    optional = [p.name for p in space.passes if not p.required]
+    strong = set() if strong is None else set(strong)
+    out = []
+    required_strong = {p.name for p in space.passes if p.required and p.name in strong}
+    if required_strong:  # the passes every trial has, at their strongest, the optional ones off
+        out.append(trial((), required_strong))
+    out += [trial({name}, {name} & strong) for name in optional]
+    out.append(trial(optional, ()))
+    if strong:
+        out.append(trial([n for n in optional if n in strong], strong))
     seen, unique = set(), []
     for params in out:
-        key = tuple(sorted(params.items()))
+        key = tuple(sorted(params.items(), key=lambda kv: kv[0]))
         if key not in seen:
             seen.add(key)
             unique.append(params)

@@ -16,6 +16,7 @@ import numpy as np
 
 OBJECTIVES = ("lzma", "file", "macs", "latency")
 FEASIBLE, INFEASIBLE, FAILED = "feasible", "infeasible", "failed"
+_METRICS: dict[tuple, Any] = {}  # loaded user metrics, per worker process
 
 
 @dataclass
@@ -32,6 +33,22 @@ class Job:
     task: Any = None
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     latency_threads: int = 1
+    # --metric: its spec (module:function or file.py:function), the file's source when it is a file
+    # (shipped with the job, so a Ray node needs no copy of it), and its bound
+    metric: str | None = None
+    metric_source: str | None = None
+    max_metric_drop: float | None = None
+
+    def user_metric(self) -> Any:
+        """The job's UserMetric (loaded once per process), or None."""
+        if self.metric is None:
+            return None
+        key = (self.metric, self.metric_source, self.max_metric_drop)
+        if key not in _METRICS:
+            from onnxcomp.metrics import UserMetric
+
+            _METRICS[key] = UserMetric(self.metric, max_drop=self.max_metric_drop, source=self.metric_source)
+        return _METRICS[key]
 
     def digest(self) -> str:
         """Content hash of the job (model, data, tolerance, objectives, seed): part of every trial's
@@ -47,7 +64,8 @@ class Job:
 
         h.update(json.dumps({"version": __version__, "tol": tol, "obj": list(self.objectives), "seed": self.seed,
                              "task": self.task,
-                             "shapes": self.input_shapes, "threads": self.latency_threads},
+                             "shapes": self.input_shapes, "threads": self.latency_threads,
+                             "metric": [self.metric, self.metric_source, self.max_metric_drop]},
                             sort_keys=True, default=str).encode())
         return h.hexdigest()
 
@@ -82,9 +100,16 @@ def subset(arrays: dict[str, np.ndarray], n: int | None) -> dict[str, np.ndarray
     return {k: v if n is None else v[:n] for k, v in arrays.items()}
 
 
-def run_trial(job: Job, number: int, pipeline: str, held_samples: int | None = None) -> TrialResult:
+def run_trial(job: Job, number: int, pipeline: str, held_samples: int | None = None, *,
+              guarded: bool = False) -> TrialResult:
     """Run one trial; never raises for a pipeline that fails (status failed, with the reason). The
-    output model's SHA-256 is in `figures["model_sha256"]`, so the driver can make it again and check."""
+    output model's SHA-256 is in `figures["model_sha256"]`, so the driver can make it again and check.
+
+    `guarded`: run the pipeline under the guard on the same held-out samples (onnxcomp.guard: a pass
+    that breaks the tolerance gets its costliest layers put back); `figures["restored"]` then lists,
+    per pass, the layers it put back, `figures["rewritten"]` how many stayed rewritten, and
+    `figures["dropped"]` the passes it dropped whole. The
+    search's warm start uses this as its sensitivity analysis."""
     import onnx
 
     from onnxcomp.data import open_source
@@ -97,6 +122,9 @@ def run_trial(job: Job, number: int, pipeline: str, held_samples: int | None = N
     model = onnx.load_from_string(job.model)
     held = subset(job.held, held_samples)
     samples = int(next(iter(held.values())).shape[0])
+    restored: dict[str, list[str]] = {}
+    rewritten: dict[str, int] = {}
+    dropped: list[str] = []
     try:
         fit_source = open_source(dict(job.fit), model=model, input_shapes=job.input_shapes)
         held_source = open_source(dict(held), model=model, input_shapes=job.input_shapes)
@@ -106,8 +134,20 @@ def run_trial(job: Job, number: int, pipeline: str, held_samples: int | None = N
         # machine's latency cache, which later `optimize` runs trust
         ctx = Context(data=fit_source, seed=job.seed, input_shapes=dict(job.input_shapes),
                       cost_model=CostModel(cache=False, target_ms=60.0))
-        out, _ = Pipeline.parse(pipeline).run(model, ctx)
-        check = compare(model, out, held_source, job.tolerance, task=job.task)
+        metric = job.user_metric()
+        guard = None
+        if guarded:
+            from onnxcomp.guard import Guard
+
+            guard = Guard(model, held_source, job.tolerance, on_fail="repair", task=job.task, metric=metric)
+        out, report = Pipeline.parse(pipeline).run(model, ctx, guard=guard)
+        for p in report.passes if guarded else []:
+            if p.guard and p.guard.get("dropped"):
+                dropped.append(p.name)
+            elif p.rolled_back:
+                restored[p.name] = list(p.rolled_back)
+            rewritten[p.name] = p.rewritten
+        check = compare(model, out, held_source, job.tolerance, task=job.task, metric=metric)
     except Exception as exc:  # a trial that crashes is a result (failed), not the end of the search
         return TrialResult(number, pipeline, FAILED, seconds=time.perf_counter() - t0,
                            reason=f"{type(exc).__name__}: {first_line(exc, 200)}", samples=samples)
@@ -117,6 +157,8 @@ def run_trial(job: Job, number: int, pipeline: str, held_samples: int | None = N
     status = FEASIBLE if check.passed else INFEASIBLE
     figures = _figures(check.summary())
     figures["model_sha256"] = hashlib.sha256(model_bytes(out)).hexdigest()
+    if guarded:
+        figures["restored"], figures["dropped"], figures["rewritten"] = restored, dropped, rewritten
     return TrialResult(number, pipeline, status, values, figures, time.perf_counter() - t0,
                        "" if check.passed else check.describe(), samples)
 
@@ -149,5 +191,5 @@ def objective_values(model, out, job: Job) -> dict[str, float]:
 
 def _figures(summary: dict[str, Any]) -> dict[str, Any]:
     keep = ("min_cosine", "min_sqnr_db", "top1_agreement", "ref_top1_acc", "cand_top1_acc", "position_agreement",
-            "sequence_agreement")
+            "sequence_agreement", "metric")
     return {k: summary[k] for k in keep if summary.get(k) is not None}

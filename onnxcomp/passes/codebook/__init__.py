@@ -52,11 +52,12 @@ _OPS = ("Conv", "Gemm", "MatMul")
 
 @dataclass
 class CodebookConfig(PassConfig):
-    bits: int = option(0, "index bits for every layer, K = 2^bits (1..8); 0: per-layer bits meeting avg_bits")
-    k: int = option(0, "centroids per codebook for every layer (2..256; overrides bits)")
+    bits: int = option(0, "index bits for every layer, K = 2^bits (1..8); 0: per-layer bits meeting avg_bits",
+                       stronger="lower")
+    k: int = option(0, "centroids per codebook for every layer (2..256; overrides bits)", stronger="lower")
     avg_bits: float = option(4.0, "with bits=0 and k=0: average bits per weight over the selected layers (a layer "
                              "kept float counts 32), spent where the measured sensitivity per byte saved is lowest",
-                             search=[6.0, 5.0, 4.0, 3.0])
+                             search=[6.0, 5.0, 4.0, 3.0], stronger="lower")
     min_bits: int = option(2, "fewest bits a layer may get under avg_bits")
     max_bits: int = option(8, "most bits a layer may get under avg_bits")
     granularity: str = option("tensor", "one codebook per tensor | channel (output channel) | group:<n> output channels")

@@ -77,7 +77,7 @@ class TrimConfig(PassConfig):
                                      "groups with share >= this (default 0.99); ignored with target")
     tol: float = option(0.02, "share: a value is 'at the fold value' within tol x the tensor's RMS")
     target: float = option(0.0, "remove this fraction of the model's MACs, most local groups first (0: threshold)",
-                           search=[0.1, 0.2, 0.3, 0.4])
+                           search=[0.1, 0.2, 0.3, 0.4], stronger="higher")
     criterion: str = option("locality", "locality: value locality on --data (S-VELCRO) | l1: smallest filter L1 "
                             "norm first (magnitude-pruning baseline; needs target)", choices=("locality", "l1"))
     max_per_layer: float = option(0.75, "a layer loses at most this fraction of its output channels")

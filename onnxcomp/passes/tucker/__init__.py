@@ -145,7 +145,8 @@ _RANK_RE = re.compile(r"^(?:evbmf|(?:energy|macs):[0-9.eE+-]+|[0-9.eE+-]+)$")
 
 @dataclass
 class TuckerConfig(PassConfig):
-    rank: str = option("evbmf", "rank rule: evbmf | <fraction of each mode> | energy:<share kept> | macs:<layer MACs fraction>")
+    rank: str = option("evbmf", "rank rule: evbmf | <fraction of each mode> | energy:<share kept> | macs:<layer MACs fraction>",
+                       stronger="lower")
     weaken: float = option(1.0, "with rank=evbmf: r = R - w (R - r_evbmf); 1 = raw EVBMF, 0 = full rank")
     round: int = option(16, "round ranks to a multiple of this (MLAS is fastest on multiples of 16/32); 1 = off")
     min_rank: int = option(1, "smallest rank per decomposed mode")
