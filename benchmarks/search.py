@@ -54,7 +54,7 @@ def _onnxcomp(*args: str) -> tuple[int, str, float]:
     return p.returncode, p.stdout, time.perf_counter() - t0
 
 
-def models_part(lines: list[str], budget: float) -> None:
+def models_part(lines: list[str], budget: float, models: tuple[str, ...] = MODELS) -> None:
     from onnxcomp import evaldata
     from onnxcomp.sizes import lzma_bytes
 
@@ -68,7 +68,7 @@ def models_part(lines: list[str], budget: float) -> None:
         calib = t / "calib.npz"
         x, y = evaldata.glyph_dataset("calib", "all")
         evaldata.save_npz(str(calib), x, y, "input")
-        for stem in MODELS:
+        for stem in models:
             src = ROOT / "models" / f"{stem}.onnx"
             base_acc, base_lzma = _top1(src, xt, yt), lzma_bytes(str(src))
             lines.append(f"| {stem} | original | {base_lzma:,} | 1.000 | {base_acc:.2f}% | - | - | - |")
@@ -163,11 +163,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=("models", "scaling", "front", "all"), default="all")
     ap.add_argument("--budget", type=float, default=540.0)
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated, for part models")
     ap.add_argument("--out", default=str(HERE / "out" / "search.md"))
     args = ap.parse_args()
     lines = ["# onnxcomp search", "", f"`python benchmarks/search.py --part {args.part} --budget {args.budget:g}`", ""]
     if args.part in ("models", "all"):
-        models_part(lines, args.budget)
+        models_part(lines, args.budget, tuple(args.models.split(",")))
     if args.part in ("scaling", "all"):
         scaling_part(lines)
     if args.part in ("front", "all"):

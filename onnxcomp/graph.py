@@ -184,13 +184,15 @@ class DenseLayer:
         return node_label(self.node)
 
 
-def read_dense(index: GraphIndex, node: onnx.NodeProto) -> DenseLayer | str:
-    """A DenseLayer (weights as x @ W), or the reason the node is not one."""
+def read_dense(index: GraphIndex, node: onnx.NodeProto, copy: bool = True) -> DenseLayer | str:
+    """A DenseLayer (weights as x @ W), or the reason the node is not one. `copy=False`: the weight
+    may be a read-only (possibly transposed) view of the initializer's bytes, one copy fewer (a
+    4096 x 25088 layer is 411 MB)."""
     if node.op_type == "MatMul":
         w = index.array(node.input[1])
         if w is None or w.ndim != 2:
             return "MatMul second operand is not a constant matrix"
-        return DenseLayer(node, w.astype(np.float32), None)
+        return DenseLayer(node, w.astype(np.float32, copy=copy), None)
     if node.op_type == "Gemm":
         if attr(node, "transA", 0):
             return "Gemm with transA=1 is not supported"
@@ -202,7 +204,8 @@ def read_dense(index: GraphIndex, node: onnx.NodeProto) -> DenseLayer | str:
         b = index.array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if len(node.input) > 2 and node.input[2] and b is None:
             return "Gemm bias is not a constant initializer"
-        return DenseLayer(node, np.ascontiguousarray(w), b, float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0)))
+        return DenseLayer(node, np.ascontiguousarray(w) if copy else w, b, float(attr(node, "alpha", 1.0)),
+                          float(attr(node, "beta", 1.0)))
     return f"not a Gemm/MatMul ({node.op_type})"
 
 
@@ -229,6 +232,7 @@ class GraphEditor:
     _functions: list[onnx.FunctionProto] = field(default_factory=list)
     _opsets: dict[str, int] = field(default_factory=dict)
     _used_names: set[str] | None = None
+    _consumed: bool = False
 
     def unique_name(self, base: str) -> str:
         """`base` if no node/tensor has that name yet, else `base_1`, `base_2`, ... (reserved)."""
@@ -292,12 +296,16 @@ class GraphEditor:
     def changed(self) -> bool:
         return bool(self._replace or self._remove or self._new_init or self._set_init or self._functions)
 
-    def apply(self) -> onnx.ModelProto:
+    def apply(self, consume: bool = False) -> onnx.ModelProto:
         """A new model with all collected edits; the editor's source model is left untouched.
 
         Only the initializers the edited graph still reads are copied from the source (copying the
         whole model first would hold every replaced weight twice: 1 GB of transient copies for
-        VGG-16's fully connected layers)."""
+        VGG-16's fully connected layers). `consume=True`: the new initializers move into the model
+        one at a time (each dropped from the editor once copied), so they are not held twice at the
+        end; the editor cannot apply again."""
+        if self._consumed:
+            raise RuntimeError("GraphEditor.apply(consume=True) already moved this editor's initializers out")
         out = onnx.ModelProto()
         _copy_fields(self.model, out, skip=("graph",))
         g = out.graph
@@ -316,7 +324,13 @@ class GraphEditor:
         for t in src.initializer:
             if t.name in used:
                 g.initializer.add().CopyFrom(self._set_init.get(t.name, t))
-        g.initializer.extend(self._new_init)
+        if consume:
+            self._new_init.reverse()
+            while self._new_init:  # protobuf copies on append: free each source as it goes
+                g.initializer.append(self._new_init.pop())
+            self._consumed = True
+        else:
+            g.initializer.extend(self._new_init)
         # IR < 4 models also list every initializer as a graph input: drop the dropped ones' entries
         gone = {t.name for t in src.initializer if t.name not in used}
         if gone and any(vi.name in gone for vi in g.input):

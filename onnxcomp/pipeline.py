@@ -262,6 +262,22 @@ class Report:
         return json.dumps(self.as_dict(), indent=2, sort_keys=False)
 
 
+class OwnedModel:
+    """A model handed over to `Pipeline.run` to own: once a pass has made a new model the input is
+    let go, so a pipeline on a large model does not hold the input beside every pass's output.
+    It is only freed if the caller keeps no other reference to it (`owned = OwnedModel(model); del
+    model`). Not with a guard or validation, which compare against the input."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self._model: onnx.ModelProto | None = model
+
+    def take(self) -> onnx.ModelProto:
+        model, self._model = self._model, None
+        if model is None:
+            raise RuntimeError("OwnedModel taken twice")
+        return model
+
+
 class Pipeline:
     """An ordered list of configured passes."""
 
@@ -313,7 +329,7 @@ class Pipeline:
 
     def run(
         self,
-        model: onnx.ModelProto,
+        model: onnx.ModelProto | OwnedModel,
         ctx: Context | None = None,
         *,
         tolerance: AnyTolerance | None = None,
@@ -340,6 +356,11 @@ class Pipeline:
         from onnxcomp import analysis, validation
 
         ctx = ctx or Context()
+        owned = isinstance(model, OwnedModel)
+        if owned:
+            if guard is not None or validate or validate_each:
+                raise ValueError("an OwnedModel input is let go during the run: no guard or validation against it")
+            model = model.take()
         if guard is None and validate_each:
             guard, ctx = guard_for(model, ctx, tolerance, on_fail="repair" if on_fail in ("rollback", "repair") else "stop",
                                    max_restore=max_rollbacks)
@@ -392,7 +413,9 @@ class Pipeline:
             report.passes.append(self._pass_report(p, result, t0, check_dict, repair))
             rewritten.extend(r for r in result.layers if r.action == REWRITTEN and r.output)
             current = result.model
-        if current is original:  # no pass made a new model: never stamp the caller's
+            if owned and current is not original:  # the input is ours: let it go
+                original = model = None  # type: ignore[assignment]
+        if current is original and not owned:  # no pass made a new model: never stamp the caller's
             current = onnx.ModelProto()
             current.CopyFrom(original)
         runtime_compatible(current)

@@ -414,3 +414,34 @@ def test_cli_search_refuses_an_unusable_metric(tmp_path, capsys):
                  "--no-cache", "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "nope.py" in err[0]
+
+
+def test_refinement_fills_the_executor_width():
+    """One objective: the front is one trial. When the best trials pass the coarse check and fail on
+    every held-out sample, each refinement round re-judges as many candidates as the executor runs
+    at once (4 here), not one per round; the best is a trial that passed on all of them."""
+    job = _job()
+
+    class Fake:
+        name, workers = "fake", 4
+
+        def __init__(self):
+            self.fine_rounds = 0
+
+        def run(self, trials, held, on_result=None, guarded=False):
+            if held is None:
+                self.fine_rounds += 1
+            out = []
+            for n, p in trials:
+                value = 0.05 + 0.05 * ((n * 7) % 16)  # distinct per trial
+                ok = held is not None or value > 0.4  # the smallest ones fail on every sample
+                out.append(TrialResult(n, p, FEASIBLE if ok else INFEASIBLE, {"lzma": value},
+                                       samples=16 if held else 32, figures={"restored": {}, "rewritten": {}}))
+            return out
+
+    fake = Fake()
+    res = run_search(job, space_from_mapping(SPACE), fake, trials=16, batch=4, coarse_samples=16)
+    failing = sum(1 for t in res.trials if t.status == INFEASIBLE)
+    assert failing >= 4  # the case this test is about: several fail on every sample
+    assert fake.fine_rounds <= -(-failing // 4) + 1
+    assert res.best is not None and res.best.values["lzma"] == pytest.approx(0.45) and res.best.samples == 32

@@ -66,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from onnxcomp.model import check_output_path, load_model, save_model
     from onnxcomp.passes.base import Context
-    from onnxcomp.pipeline import Pipeline, guard_for
+    from onnxcomp.pipeline import OwnedModel, Pipeline, guard_for
     from onnxcomp.progress import Progress
     from onnxcomp.shapes import parse_input_shapes
 
@@ -119,8 +119,11 @@ def run(args: argparse.Namespace) -> int:
     elif not args.no_guard and any(p.name != "normalize" for p in pipeline.passes):
         print("guard: no --data, nothing to check the passes on; checks on random inputs are figures only "
               "(give --data to guard the run, --no-guard to silence this)", file=sys.stderr)
+    run_input = model
+    if guard is None and not validate:  # nothing compares against the input: let the pipeline free it
+        run_input, model = OwnedModel(model), None
     try:
-        out_model, report = pipeline.run(model, ctx, tolerance=tolerance, validate=validate, guard=guard,
+        out_model, report = pipeline.run(run_input, ctx, tolerance=tolerance, validate=validate, guard=guard,
                                          layer_errors=bool(args.report and str(args.report).endswith((".html", ".htm"))))
     except ValidationFailed as exc:
         if exc.report is not None:

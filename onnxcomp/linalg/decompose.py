@@ -71,6 +71,7 @@ class ModeBasis:
         self._wide = rows <= cols
         self._m = None if self._wide else work
         self._gram = work @ work.T if self._wide else work.T @ work
+        self._max_rank = int(self._gram.shape[0])
         self._rows = rows
         self._energy: np.ndarray | None = None
         self._cache: np.ndarray | None = None
@@ -90,12 +91,15 @@ class ModeBasis:
 
     @property
     def max_rank(self) -> int:
-        return int(self._gram.shape[0])
+        return self._max_rank
 
     def vectors(self, r: int) -> np.ndarray:
         r = int(min(max(r, 1), self.max_rank))
         if self._cache is not None and self._cache.shape[1] >= r:
             return self._cache[:, :r]
+        if self._gram is None:
+            raise RuntimeError(f"ModeBasis frozen at {0 if self._cache is None else self._cache.shape[1]} vectors, "
+                               f"asked for {r}")
         n = self.max_rank
         if r == n or (self._energy is None and r > n // 2):
             vals, vecs = np.linalg.eigh(self._gram)
@@ -112,6 +116,16 @@ class ModeBasis:
             u, _ = np.linalg.qr(self._m @ vecs)
         self._cache = _fix_signs(u)
         return self._cache[:, :r]
+
+
+    def freeze(self, r: int) -> None:
+        """Compute the top `r` vectors now and drop the Gram matrix (the energy and those vectors
+        stay; asking for more vectors afterwards is an error). A 4096-wide layer's Gram is 64 MB:
+        the decomposition then never holds it beside the weight."""
+        self.energy  # noqa: B018 - computed while the Gram is here
+        self.vectors(r)
+        self._gram = None  # type: ignore[assignment]
+        self._m = None
 
 
 def mode_basis(tensor: np.ndarray, mode: int) -> ModeBasis:

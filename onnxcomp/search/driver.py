@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -177,11 +178,25 @@ def run_search(job: Job, space: Space, executor, *, trials: int, batch: int = 4,
             if on_trial is not None:
                 on_trial(r, done)
     # coarse to fine: the front's members judged again on every held-out sample, until the front
-    # holds only members that passed there (one that fails can uncover others it dominated)
+    # holds only members that passed there (one that fails can uncover others it dominated). Each
+    # round fills the executor's width with the next-best feasible trials by the first objective
+    # (the ones a failure would uncover), so a one-objective front, a single trial, does not cost
+    # a round per candidate. Past the time budget, only trials already re-judged can be the front.
+    width = max(1, int(getattr(executor, "workers", 1)))
+    first = job.objectives[0]
     front = pareto_front(done, job.objectives)
     refined: set[int] = set()
     while coarse is not None and any(r.number not in refined for r in front):
+        if time_budget is not None and time.perf_counter() - t0 > time_budget:
+            front = pareto_front([r for r in done if r.number in refined], job.objectives)
+            notes.append(f"time budget of {time_budget:g} s: the front holds only the {len(refined)} trial(s) "
+                         f"re-judged on all {full} held-out samples")
+            break
         todo = [r for r in front if r.number not in refined]
+        queued = {r.number for r in todo}
+        nxt = sorted((r for r in done if r.status == FEASIBLE and r.number not in refined | queued
+                      and math.isfinite(r.values.get(first, math.inf))), key=lambda r: (r.values[first], r.number))
+        todo += nxt[:max(0, width - len(todo))]
         fine = {f.number: f for f in _run_cached(executor, [(r.number, r.pipeline) for r in todo], None, cache)}
         for r in todo:
             f = fine[r.number]

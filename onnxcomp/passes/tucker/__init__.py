@@ -98,8 +98,10 @@ covariance is singular and any rank rule would read an artefact of the sample si
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -260,6 +262,34 @@ class _Plan:
     response: dec.ResponseStats | None = None
     new_bias: bool = False  # a dense chain's last layer gets its own (fitted) bias
     bases: dict[int, dec.ModeBasis] = field(default_factory=dict)  # mode -> singular basis (cached)
+    reload: Callable[[], np.ndarray] | None = None  # reads the weight again from the model (see spill)
+    shape: tuple[int, ...] = ()  # the weight's shape, known while it is spilled
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(d) for d in self.weight.shape)
+
+    def spill(self) -> None:
+        """Drop this plan's weight copy when it can be read again (`reload`): a pass over VGG-16 holds
+        one layer's weight at a time instead of a second copy of the whole model."""
+        if self.reload is not None:
+            self.weight = None  # type: ignore[assignment]
+            # the layer descriptions keep their geometry: a NaN placeholder of the weight's shape
+            # (no memory), so any read of its values would show at once
+            if self.conv is not None:
+                self.conv = dataclasses.replace(self.conv, weight=_placeholder(self.conv.weight))
+            if self.dense is not None:
+                self.dense = dataclasses.replace(self.dense, weight=_placeholder(self.dense.weight))
+
+    def load(self) -> np.ndarray:
+        """The weight (read again if spilled)."""
+        if self.weight is None:
+            assert self.reload is not None
+            self.weight = self.reload()
+        return self.weight
+
+    def release_factors(self) -> None:
+        """Drop the decomposition's arrays once they are in the graph editor."""
+        self.first_w = self.core_w = self.last_w = None
 
     @property
     def name(self) -> str:
@@ -287,19 +317,27 @@ class TuckerPass(Pass):
         shapes = static_shapes(model, ctx.input_shapes)  # on a weightless skeleton: no weight copy
         layers: list[LayerRecord] = []
         plans: list[_Plan] = []
+        # Without data the weights are only needed one layer at a time (spectra, then the
+        # decomposition): each plan drops its copy and reads it again when needed, so the pass holds
+        # one layer's weight beside the model rather than a second copy of every weight (issue:
+        # peak memory on VGG-16). Response PCA and refits keep them: they use every weight at once.
+        spill = cfg.method != "response" and cfg.refit == "off"
         for node in self.candidates(model):
-            plan = self._plan(index, node, shapes, cfg)
+            plan = self._plan(index, node, shapes, cfg, spill)
             if isinstance(plan, str):
                 layers.append(LayerRecord(node_label(node), node.op_type, SKIPPED, plan,
                                           output=node.output[0] if node.output else ""))
             else:
+                if not spill:
+                    plan.reload = None
+                plan.spill()
                 plans.append(plan)
         figures: dict = {"layers_considered": len(layers) + len(plans)}
         if cfg.method == "response" and plans:
             self._capture_responses(model, plans, ctx, cfg)
             usable = []
             for p in plans:
-                T, n = int(p.weight.shape[0]), p.response.count  # type: ignore[union-attr]
+                T, n = p.shape[0], p.response.count  # type: ignore[union-attr]
                 if n < T:  # fewer rows than channels: a singular covariance, its spectrum says nothing
                     layers.append(LayerRecord(
                         p.name, p.node.op_type, SKIPPED,
@@ -321,6 +359,16 @@ class TuckerPass(Pass):
                 figures["cost_model"] = _cost_model_summary(plans)
 
         todo = [p for i, p in enumerate(plans) if decided.get(i) is None]
+        if spill:  # ranks are final: keep only the vectors each decomposition needs, no Gram matrix
+            # (computed now, while no weight is loaded, so the eigensolver's workspace and the Gram
+            # are gone before each weight is read again)
+            for i, p in enumerate(plans):
+                if decided.get(i) is not None:
+                    p.bases.clear()
+                    continue
+                for mode, r in zip((0, 1), p.ranks or (None, None), strict=True):
+                    if r is not None and mode in p.bases:
+                        p.bases[mode].freeze(r)
         for plan in ctx.progress.iter(todo, "tucker"):
             self._decompose(plan, cfg)
         if cfg.refit == "on" and todo:
@@ -336,6 +384,7 @@ class TuckerPass(Pass):
             key = id(plan.node)
             if key in by_node:
                 records[key] = self._rewrite(editor, plan)
+                plan.release_factors()  # now initializers in the editor
             else:
                 records[key] = LayerRecord(plan.name, plan.node.op_type, SKIPPED, reasons[key] or "not chosen",
                                            params_before=plan.params_before, macs_before=plan.macs_before,
@@ -347,7 +396,7 @@ class TuckerPass(Pass):
             rec = records.get(id(node)) or skipped_by_name.get(node_label(node))
             if rec is not None:
                 ordered.append(rec)
-        out = editor.apply() if by_node else model
+        out = editor.apply(consume=True) if by_node else model
         rewritten = [r for r in ordered if r.action == REWRITTEN]
         figures["rewritten"] = len(rewritten)
         known = [r for r in rewritten if r.macs_before is not None and r.macs_after is not None]
@@ -358,7 +407,8 @@ class TuckerPass(Pass):
         return PassResult(out, ordered, figures)
 
     # -- planning -------------------------------------------------------------------------------------
-    def _plan(self, index: GraphIndex, node: onnx.NodeProto, shapes: dict, cfg: TuckerConfig) -> _Plan | str:
+    def _plan(self, index: GraphIndex, node: onnx.NodeProto, shapes: dict, cfg: TuckerConfig,
+              spill: bool = False) -> _Plan | str:
         reason = self.selection_reason(node)
         if reason:
             return reason
@@ -389,13 +439,13 @@ class TuckerPass(Pass):
             else:
                 pos_out, pos_in = 1.0, float(math.prod(layer.strides))
             cost = dec.ChainCost(T, S, ksize, pos_in, pos_out)
-            plan = _Plan(node, kind, w, layer.bias, cost, static, conv=layer,
+            plan = _Plan(node, kind, w, layer.bias, cost, static, conv=layer, reload=lambda: _conv_weight(index, node),
                          in_shape=tuple(int(d) for d in in_shape) if static else None,  # type: ignore[union-attr]
                          params_before=costs.conv_params(w.shape, layer.bias is not None),
                          macs_before=costs.conv_macs(w.shape, out_shape))
             return plan
         if node.op_type in ("Gemm", "MatMul"):
-            d = read_dense(index, node)
+            d = read_dense(index, node, copy=not spill)
             if isinstance(d, str):
                 return d
             if not cfg.svd:
@@ -416,9 +466,9 @@ class TuckerPass(Pass):
                     return f"Gemm bias of shape {list(d.bias.shape)} is not per output"
                 bias = np.broadcast_to(np.asarray(d.bias, np.float64).reshape(-1) * d.beta, (T,)).copy()
             params = int(d.weight.size + (d.bias.size if d.bias is not None else 0))
-            w = d.weight.T if d.alpha == 1.0 else d.weight.T * np.float32(d.alpha)
+            w = _conv_form(d)
             x_shape = shapes.get(node.input[0])
-            plan = _Plan(node, "svd", w, bias, cost, rows is not None,
+            plan = _Plan(node, "svd", w, bias, cost, rows is not None, reload=lambda: _dense_weight(index, node),
                          in_shape=tuple(int(v) for v in x_shape) if _known(x_shape) else None,  # type: ignore[union-attr]
                          dense=d, params_before=params, macs_before=costs.dense_macs(int(S), int(T), rows))
             return plan
@@ -432,14 +482,15 @@ class TuckerPass(Pass):
             return vals * plan.response.count, None
         for mode in (0, 1) if plan.kind == "tucker2" else (0,):
             if mode not in plan.bases:
-                plan.bases[mode] = dec.mode_basis(plan.weight, mode)
+                plan.bases[mode] = dec.mode_basis(plan.load(), mode)
         e_in = plan.bases[1].energy if plan.kind == "tucker2" else None
+        plan.spill()
         return plan.bases[0].energy, e_in
 
     def _choose_ranks(self, plan: _Plan, cfg: TuckerConfig) -> str | None:
         """Set plan.ranks from the rank rule; return a skip reason or None."""
         kind, value = parse_rank(cfg.rank)
-        T, S = plan.weight.shape[:2]
+        T, S = plan.shape[:2]
         if kind == "fraction" and plan.response is None:  # no spectrum needed
             e_out, e_in = np.zeros(T), (np.zeros(S) if plan.kind == "tucker2" else None)
         else:
@@ -479,13 +530,13 @@ class TuckerPass(Pass):
         if plan.response is not None:
             shape_out = (plan.response.count, T)
         else:
-            shape_out = (T, int(math.prod(plan.weight.shape[1:])))
+            shape_out = (T, int(math.prod(plan.shape[1:])))
         r_out = pick(e_out, min(shape_out) if plan.response is None else T, T, shape_out, "output")
         if isinstance(r_out, str):
             return r_out
         r_in: int | str | None = None
         if e_in is not None:
-            shape_in = (S, int(T * math.prod(plan.weight.shape[2:])))
+            shape_in = (S, int(T * math.prod(plan.shape[2:])))
             r_in = pick(e_in, min(shape_in), S, shape_in, "input")
             if isinstance(r_in, str):
                 return r_in
@@ -522,7 +573,7 @@ class TuckerPass(Pass):
         if base_unit is None:
             plan.figures["cost"] = "macs: the layer's input shape is unknown, so it cannot be timed alone"
             return None
-        T, S = int(plan.weight.shape[0]), int(plan.weight.shape[1])
+        T, S = plan.shape[0], plan.shape[1]
         e_out, e_in = self._spectra(plan)
         t_out = dec.tail_fraction(e_out)
         t_in = dec.tail_fraction(e_in) if e_in is not None else None
@@ -718,7 +769,7 @@ class TuckerPass(Pass):
     # -- decomposition -----------------------------------------------------------------------------------
     def _decompose(self, plan: _Plan, cfg: TuckerConfig) -> None:
         r_out, r_in = plan.ranks  # type: ignore[misc]
-        w = plan.weight
+        w = plan.load()
         if plan.response is not None:
             _, vecs = plan.response.principal()
             basis = vecs[:, : (r_out or w.shape[0])]
@@ -734,6 +785,7 @@ class TuckerPass(Pass):
         else:
             t = dec.tucker_decompose(w, r_out, None, bases=plan.bases)
         plan.bases.clear()  # free memory: a 4096-wide dense layer's basis is 128 MB
+        plan.spill()
         plan.figures["method"] = {"tucker2": "tucker2" if (r_out and r_in) else "tucker1", "tucker1": "tucker1",
                                   "svd": "svd"}[plan.kind]
         plan.figures["error"] = round(t.error, 6)
@@ -858,7 +910,7 @@ class TuckerPass(Pass):
     def _capture_responses(self, model: onnx.ModelProto, plans: list[_Plan], ctx: Context, cfg: TuckerConfig) -> None:
         outputs = [p.node.output[0] for p in plans]
         for p in plans:
-            p.response = dec.ResponseStats(int(p.weight.shape[0]))
+            p.response = dec.ResponseStats(p.shape[0])
         for k, (_feeds, values, _labels) in enumerate(self._batches(model, outputs, ctx)):
             for p in plans:
                 y = values[p.node.output[0]]
@@ -1022,6 +1074,27 @@ def _cost_model_summary(plans: list[_Plan]) -> dict:
         if key:
             counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def _placeholder(w: np.ndarray) -> np.ndarray:
+    return np.broadcast_to(np.array(np.nan, dtype=w.dtype), w.shape)
+
+
+def _conv_form(d: DenseLayer) -> np.ndarray:
+    """A dense layer's weight as (out, in), Gemm's alpha folded in."""
+    return d.weight.T if d.alpha == 1.0 else d.weight.T * np.float32(d.alpha)
+
+
+def _conv_weight(index: GraphIndex, node: onnx.NodeProto) -> np.ndarray:
+    layer = read_conv(index, node)
+    assert not isinstance(layer, str), layer  # it was read once already
+    return layer.weight
+
+
+def _dense_weight(index: GraphIndex, node: onnx.NodeProto) -> np.ndarray:
+    d = read_dense(index, node, copy=False)  # read-only: the decomposition only reads it
+    assert not isinstance(d, str), d
+    return _conv_form(d)
 
 
 def _known(shape) -> bool:

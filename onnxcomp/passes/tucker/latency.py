@@ -26,10 +26,10 @@ def layer_unit(plan: Any, ranks: Ranks | None, opset: int = 17) -> Unit | None:
         return None
     x = "x"
     inputs = {x: (tuple(plan.in_shape), _F)}
-    T, S = int(plan.weight.shape[0]), int(plan.weight.shape[1])
+    T, S = plan.shape[0], plan.shape[1]
     if plan.conv is not None:
         geometry = plan.conv.geometry_attributes()
-        kernel = tuple(int(k) for k in plan.weight.shape[2:])
+        kernel = tuple(plan.shape[2:])
         point = {"kernel_shape": [1] * len(kernel)}
         one = (1,) * len(kernel)
         if ranks is None:
@@ -75,7 +75,7 @@ def layer_unit(plan: Any, ranks: Ranks | None, opset: int = 17) -> Unit | None:
 def alternatives(plan: Any, ranks: Ranks) -> list[Ranks]:
     """The rank rule's choice, the same with one mode kept whole (Tucker-1 in either mode), and each
     with its ranks rounded up to a multiple of 32; never both modes whole."""
-    T, S = int(plan.weight.shape[0]), int(plan.weight.shape[1])
+    T, S = plan.shape[0], plan.shape[1]
     r_out, r_in = ranks
     opts: list[Ranks] = [ranks]
     if plan.kind == "tucker2" and r_out is not None and r_in is not None:
