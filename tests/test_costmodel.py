@@ -124,10 +124,16 @@ def test_profile_predicts_the_whole_model(cache_dir):
     # model's layers alone summed to 5x its measured time on one CI machine. This test pins the
     # accounting (the run's fixed cost once, every layer net of it); the accuracy at 2 threads on
     # real models is benchmarks/latency.py's.
-    prof = profile(model, _feeds(model), CostModel(Settings(threads=1), target_ms=20))
-    assert prof.measured.ms > 0 and prof.predicted_ms > 0
-    assert len(prof.layers) == 5 and prof.units_measured >= 5
-    assert 0.5 < prof.predicted_ms / prof.measured.ms < 2
+    # The median of three uncached profiles: a lone 20-us layer that the VM's scheduler stalls once
+    # (seen on a CI run: conv1 alone at 34 us, 5x its usual time) says nothing about the accounting.
+    profs = [profile(model, _feeds(model), CostModel(Settings(threads=1), cache=False, target_ms=20))
+             for _ in range(3)]
+    for prof in profs:
+        assert prof.measured.ms > 0 and prof.predicted_ms > 0
+        assert len(prof.layers) == 5 and prof.units_measured >= 5
+    ratios = sorted(p.predicted_ms / p.measured.ms for p in profs)
+    assert 0.5 < ratios[1] < 2, ratios
+    prof = profs[0]
     d = prof.as_dict()
     assert {"predicted_ms", "measured", "error", "layers", "machine"} <= set(d)
 
