@@ -260,9 +260,10 @@ def test_malformed_space_entries_are_bad_input(doc, match):
 
 
 def test_time_budget_bounds_the_whole_search(monkeypatch):
-    """A fake clock: every trial takes 10 s. With a 100 s budget, the warm start's 2 probes (20 s)
-    and batches of 2 on one worker (20 s each), asking stops while the slowest batch and the
-    front's re-check still fit."""
+    """A fake clock: every trial takes 10 s. With a 100 s budget, the warm start's 2 probes (20 s),
+    then batches of 2 on one worker (20 s each), each followed by re-judging the front's best on all
+    samples (10 s): asking stops while the slowest batch, its re-judging and one more round for the
+    front's last members still fit, and the search ends within the budget."""
     import onnxcomp.search.driver as driver
 
     clock = [0.0]
@@ -276,8 +277,10 @@ def test_time_budget_bounds_the_whole_search(monkeypatch):
             return out
 
     res = run_search(job, space_from_mapping(SPACE), Slow(job), trials=50, batch=2, time_budget=100.0, coarse_samples=16)
-    assert len(res.trials) == 6  # probes to 20 s, 3 batches of 20 s; a 4th would leave less than 40 s
+    # probes to 20 s, 2 batches and their rounds to 80 s; a 3rd would need 20 + 2 x 10 s more
+    assert len(res.trials) == 4
     assert res.seconds <= 100.0 and any("time budget" in n for n in res.notes)
+    assert res.best is not None and res.best.samples == 32  # re-judged on every held-out sample
 
 
 def test_two_objectives_give_a_pareto_front():
@@ -445,3 +448,36 @@ def test_refinement_fills_the_executor_width():
     assert failing >= 4  # the case this test is about: several fail on every sample
     assert fake.fine_rounds <= -(-failing // 4) + 1
     assert res.best is not None and res.best.values["lzma"] == pytest.approx(0.45) and res.best.samples == 32
+
+
+def test_past_the_budget_rejudging_goes_on_until_a_trial_holds(monkeypatch):
+    """The budget runs out during the front's re-check while every trial re-judged so far failed on
+    all held-out samples: the search does not end empty-handed (a 9-minute glyph_resnet search once
+    wrote nothing after 52 feasible trials); it re-judges until one holds, and says it overran."""
+    import onnxcomp.search.driver as driver
+
+    clock = [0.0]
+    monkeypatch.setattr(driver.time, "perf_counter", lambda: clock[0])
+    job = _job()
+
+    class Fake:
+        name, workers = "fake", 2
+
+        def run(self, trials, held, on_result=None, guarded=False):
+            clock[0] += 10.0 if held is not None else 60.0  # re-judging is slower than a trial
+            out = []
+            for n, p in trials:
+                value = 0.05 + 0.05 * ((n * 7) % 16)
+                ok = held is not None or value > 0.4  # the smallest fail on every sample
+                out.append(TrialResult(n, p, FEASIBLE if ok else INFEASIBLE, {"lzma": value},
+                                       samples=16 if held else 32, figures={"restored": {}, "rewritten": {}}))
+            return out
+
+    # probes 10 s, the first batch of 4 to 20 s, its re-judging round (the two smallest, both failing
+    # on every sample) to 80 s: past the 70 s budget with no re-judged trial held
+    res = run_search(job, space_from_mapping(SPACE), Fake(), trials=16, batch=4, time_budget=70.0,
+                     coarse_samples=16)
+    assert len(res.trials) == 4
+    assert res.best is not None and res.best.samples == 32 and res.best.status == FEASIBLE
+    assert res.best.values["lzma"] == pytest.approx(0.75)  # the smallest of the four that holds
+    assert any("exceeded" in n for n in res.notes)

@@ -318,7 +318,7 @@ def tucker_decompose(
     return dec
 
 
-def squared_norm(a: np.ndarray, chunk: int = 2**22) -> float:
+def squared_norm(a: np.ndarray, chunk: int = 2**20) -> float:
     """sum(a**2) accumulated in float64 a chunk at a time (no float64 copy of a large float32 array)."""
     flat = np.asarray(a).ravel(order="K")  # memory order: no copy of a transposed view
     total = 0.0

@@ -158,55 +158,61 @@ def run_search(job: Job, space: Space, executor, *, trials: int, batch: int = 4,
         notes += probes.notes
     strategy = Strategy(space, job.objectives, seed=job.seed, strong=probes.strong if probes is not None else None)
     walls: list[float] = []  # each batch's wall time, as the driver saw it
+    refine_walls: list[float] = [0.0]  # each re-judging round's (under a budget, one per batch)
+    width = max(1, int(getattr(executor, "workers", 1)))
+    refined: set[int] = set()
     while len(done) < trials:
         count = min(batch, trials - len(done))
         if time_budget is not None and walls:
             # the whole search keeps to the budget: a batch is asked only if the slowest batch so
-            # far, and as long again for re-judging the front and the references, still fit
+            # far, its re-judging round, and one more round for the front's last members and the
+            # references still fit (without re-judging rounds to go by, as long again as a batch)
             slowest = max(walls)
-            if time.perf_counter() - t0 + 2 * slowest > time_budget:
+            reserve = 2 * max(refine_walls) if coarse is not None else slowest
+            if time.perf_counter() - t0 + slowest + reserve > time_budget:
                 notes.append(f"time budget of {time_budget:g} s: stopped asking after {len(done)} trials "
                              f"(slowest batch {slowest:.0f} s)")
                 break
         asked = strategy.ask(count)
         t_batch = time.perf_counter()
         results = _run_cached(executor, [(n, p) for n, _, p in asked], coarse, cache)
-        walls.append(time.perf_counter() - t_batch)
         strategy.tell(results)
         for r in results:
             done.append(r)
             if on_trial is not None:
                 on_trial(r, done)
+        if time_budget is not None and coarse is not None:
+            # Under a budget the front is re-judged as the search goes (one round per batch), so
+            # that when time runs out a re-judged trial is at hand: on glyph_resnet most trials
+            # that held on the coarse subset failed on every sample, and re-judging them all at
+            # the end overran a 540 s budget by 266 s.
+            t_round = time.perf_counter()
+            _refine_round(job, done, refined, executor, width, full, cache)
+            refine_walls.append(time.perf_counter() - t_round)
+        walls.append(t_round - t_batch if time_budget is not None and coarse is not None
+                     else time.perf_counter() - t_batch)
     # coarse to fine: the front's members judged again on every held-out sample, until the front
     # holds only members that passed there (one that fails can uncover others it dominated). Each
     # round fills the executor's width with the next-best feasible trials by the first objective
     # (the ones a failure would uncover), so a one-objective front, a single trial, does not cost
-    # a round per candidate. Past the time budget, only trials already re-judged can be the front.
-    width = max(1, int(getattr(executor, "workers", 1)))
-    first = job.objectives[0]
+    # a round per candidate. Past the time budget, only trials already re-judged can be the front,
+    # unless none of them held: then re-judging goes on until one does (or none is left), since a
+    # search that found feasible trials and writes nothing is worth less than a late answer.
     front = pareto_front(done, job.objectives)
-    refined: set[int] = set()
+    overrun = False
     while coarse is not None and any(r.number not in refined for r in front):
         if time_budget is not None and time.perf_counter() - t0 > time_budget:
-            front = pareto_front([r for r in done if r.number in refined], job.objectives)
-            notes.append(f"time budget of {time_budget:g} s: the front holds only the {len(refined)} trial(s) "
-                         f"re-judged on all {full} held-out samples")
-            break
-        todo = [r for r in front if r.number not in refined]
-        queued = {r.number for r in todo}
-        nxt = sorted((r for r in done if r.status == FEASIBLE and r.number not in refined | queued
-                      and math.isfinite(r.values.get(first, math.inf))), key=lambda r: (r.values[first], r.number))
-        todo += nxt[:max(0, width - len(todo))]
-        fine = {f.number: f for f in _run_cached(executor, [(r.number, r.pipeline) for r in todo], None, cache)}
-        for r in todo:
-            f = fine[r.number]
-            refined.add(r.number)
-            r.figures["coarse"] = {"status": r.status, "samples": r.samples}
-            if f.status != FEASIBLE:
-                r.status = f.status
-                r.reason = f"on all {full} held-out samples: {f.reason}"
-            r.figures.update(f.figures)
-            r.samples = f.samples
+            settled = pareto_front([r for r in done if r.number in refined], job.objectives)
+            if settled:
+                front = settled
+                notes.append(f"time budget of {time_budget:g} s: the front holds only the {len(refined)} trial(s) "
+                             f"re-judged on all {full} held-out samples")
+                break
+            if not overrun:
+                overrun = True
+                notes.append(f"time budget of {time_budget:g} s exceeded: none of the {len(refined)} trial(s) "
+                             f"re-judged so far held on all {full} held-out samples, so re-judging went on")
+        _refine_round(job, done, refined, executor, width, full, cache)
         front = pareto_front(done, job.objectives)
     best = front[0] if front else None
     refs = _run_cached(executor, [(-1 - k, p) for k, p in enumerate(references)], None, cache) if references else []
@@ -214,6 +220,31 @@ def run_search(job: Job, space: Space, executor, *, trials: int, batch: int = 4,
     return SearchResult(done, front, best, job.objectives, executor.name, time.perf_counter() - t0, cached,
                         coarse if coarse is not None else full, full, notes, list(refs),
                         probes.results if probes is not None else [], space)
+
+
+def _refine_round(job: Job, done: list[TrialResult], refined: set[int], executor, width: int, full: int,
+                  cache: TrialCache | None) -> None:
+    """Re-judge on every held-out sample the front's members not yet re-judged, plus the next-best
+    feasible trials by the first objective up to the executor's width; a trial that fails there
+    takes that status (its coarse verdict kept in its figures). Adds the trials to `refined`."""
+    first = job.objectives[0]
+    todo = [r for r in pareto_front(done, job.objectives) if r.number not in refined]
+    if not todo:
+        return
+    queued = {r.number for r in todo}
+    nxt = sorted((r for r in done if r.status == FEASIBLE and r.number not in refined | queued
+                  and math.isfinite(r.values.get(first, math.inf))), key=lambda r: (r.values[first], r.number))
+    todo += nxt[:max(0, width - len(todo))]
+    fine = {f.number: f for f in _run_cached(executor, [(r.number, r.pipeline) for r in todo], None, cache)}
+    for r in todo:
+        f = fine[r.number]
+        refined.add(r.number)
+        r.figures["coarse"] = {"status": r.status, "samples": r.samples}
+        if f.status != FEASIBLE:
+            r.status = f.status
+            r.reason = f"on all {full} held-out samples: {f.reason}"
+        r.figures.update(f.figures)
+        r.samples = f.samples
 
 
 def _run_cached(executor, trials: Sequence[tuple[int, str]], held: int | None, cache: TrialCache | None,

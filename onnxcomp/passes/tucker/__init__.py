@@ -369,7 +369,11 @@ class TuckerPass(Pass):
                 for mode, r in zip((0, 1), p.ranks or (None, None), strict=True):
                     if r is not None and mode in p.bases:
                         p.bases[mode].freeze(r)
-        for plan in ctx.progress.iter(todo, "tucker"):
+        # Without refits each layer is decomposed on its own, so order is free: the largest weight
+        # goes first, while no other layer's factors are held yet (VGG-16's fc6, 411 MB, is where
+        # the pass peaks).
+        order = sorted(todo, key=lambda p: -math.prod(p.shape)) if spill else todo
+        for plan in ctx.progress.iter(order, "tucker"):
             self._decompose(plan, cfg)
         if cfg.refit == "on" and todo:
             self._refit(model, todo, ctx, cfg, figures)
