@@ -79,8 +79,9 @@ def main() -> int:
         "# Cost model: sum of per-layer latencies vs the whole model (`python benchmarks/latency.py`)",
         "",
         f"{m['cpu']}, {', '.join(m['isa'])}, onnxruntime {m['onnxruntime']}, {args.threads} threads, batch 1. "
-        "Predicted: each layer timed alone (cost model, from the cache on the warm run) net of one session "
-        "run's fixed cost, summed, plus that cost once. Measured: the whole model, interleaved runs, p50. "
+        "Predicted: what each layer adds to a run under way (cost model: the layer twice in one model minus "
+        "once, from the cache on the warm run), summed, plus one session call. Measured: the whole model, "
+        "interleaved runs, p50. "
         "Seconds: the whole `onnxcomp profile` (model load, one capture run, layers, whole-model timing).",
         "",
         "| model | input | layers | predicted ms | measured ms | error | error, cold run | profile cold s | from cache s |",

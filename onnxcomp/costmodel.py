@@ -45,6 +45,7 @@ from onnxcomp.errors import BadInputError, OnnxcompError, first_line
 from onnxcomp.units import Unit, unit_for_nodes
 
 CACHE_VERSION = 1
+_DOUBLE_MAX_BYTES = 64 << 20  # units up to this size are also timed twice in one model (in_run_ms)
 # Default analytic coefficients (ms, ms per MMAC, ms per MB) when nothing on this machine was measured:
 # ~50 GMAC/s and ~10 GB/s, a modest 2-thread AVX2 core pair; `source` says they are defaults.
 _DEFAULT_COEF = (0.01, 0.02, 0.1)
@@ -130,6 +131,9 @@ class Estimate:
     reorder_in_ms: float = 0.0
     reorder_out_ms: float = 0.0
     wall_ms: float | None = None  # the unit's own p50, reorders included (None: same as ms)
+    # What the unit adds to a run already under way, net of layout reorders (estimate(in_run=True)):
+    # its second copy in one model minus the model with one (Unit.doubled_model). None: not measured.
+    in_run_ms: float | None = None
 
     @property
     def total_ms(self) -> float:
@@ -147,6 +151,8 @@ class Estimate:
             out["reason"] = self.reason
         if self.reorder_in_ms or self.reorder_out_ms:
             out["reorder_ms"] = [round(self.reorder_in_ms, 5), round(self.reorder_out_ms, 5)]
+        if self.in_run_ms is not None:
+            out["in_run_ms"] = round(self.in_run_ms, 5)
         return out
 
 
@@ -237,14 +243,18 @@ class CostModel:
 
     # -- public -------------------------------------------------------------------------------
     def estimate(self, units: Sequence[Unit], *, fresh: bool = False, together: bool = True,
-                 net_of_layout: bool = True) -> list[Estimate]:
+                 net_of_layout: bool = True, in_run: bool = False) -> list[Estimate]:
         """One estimate per unit, in order. Units not cached are measured together, interleaved (so a
         layer and its alternatives see the same machine state), or one after the other with
         `together=False` (a model's many layers: interleaving dozens of them evicts each one's input
         from the cache, which in a model the previous layer has just written; measured on resnet50,
         the layers' sum came out 14% high interleaved, 3% low one by one). `fresh=True` re-measures
         cached ones too (a decision between close alternatives should not mix timings of different
-        moments). `net_of_layout=False` keeps layout reorders in the time (for timing reorders themselves)."""
+        moments). `net_of_layout=False` keeps layout reorders in the time (for timing reorders themselves).
+        `in_run=True` also measures `in_run_ms`, what each unit adds inside a run (twice the timing
+        work): a small layer alone pays a run's start (the call, its first kernel, waking the thread
+        pool) that inside a model only the first layer pays; on an AMD EPYC VM that start was 10-55 us
+        a layer, far above a one-element Identity's 6 us, and depended on the layer's size and layout."""
         out: list[Estimate | None] = [None] * len(units)
         todo: list[int] = []
         for k, u in enumerate(units):
@@ -255,19 +265,22 @@ class CostModel:
                 out[k] = self.analytic(u, reason="measuring is off")
                 continue
             hit = None if (fresh or self.cache is None) else self.cache.get(u.signature())
+            if hit is not None and in_run and not _finite(hit.get("in_run_ms")):
+                hit = None  # timed before without its in-run cost: time it again, with it
             if hit is not None:
                 self.cached_units += 1
                 out[k] = Estimate(float(hit["ms"]), "cache", int(hit.get("runs", 0)), float(hit.get("spread", 0.0)),
                                   reorder_in_ms=float(hit.get("reorder_in_ms", 0.0)),
                                   reorder_out_ms=float(hit.get("reorder_out_ms", 0.0)),
-                                  wall_ms=float(hit["wall_ms"]) if _finite(hit.get("wall_ms")) else None)
+                                  wall_ms=float(hit["wall_ms"]) if _finite(hit.get("wall_ms")) else None,
+                                  in_run_ms=float(hit["in_run_ms"]) if _finite(hit.get("in_run_ms")) else None)
             else:
                 todo.append(k)
         groups = [todo] if together else [[k] for k in todo]
         for group in groups:
             if group:
-                for k, est in zip(group, self._measure([units[k] for k in group], net_of_layout=net_of_layout),
-                                  strict=True):
+                for k, est in zip(group, self._measure([units[k] for k in group], net_of_layout=net_of_layout,
+                                                       in_run=in_run), strict=True):
                     out[k] = est
         if self.cache is not None:
             self.cache.save()
@@ -331,7 +344,7 @@ class CostModel:
         err = float(np.median(np.abs(pred - t) / np.maximum(t, 1e-6)))
         return (float(coef[0]), float(coef[1]), float(coef[2])), f"fit to {len(rows)} timings of this machine, median error {err:.0%}"
 
-    def _measure(self, units: Sequence[Unit], net_of_layout: bool = True) -> list[Estimate]:
+    def _measure(self, units: Sequence[Unit], net_of_layout: bool = True, in_run: bool = False) -> list[Estimate]:
         """Time `units` together, interleaved, by wall clock. A unit alone in the blocked (NCHWc)
         layout is wrapped by onnxruntime in layout reorders (ReorderInput / ReorderOutput, up to a
         third of a 1x1 conv's time) that inside a model consecutive blocked layers do not pay; so a
@@ -343,7 +356,7 @@ class CostModel:
 
         results: list[Estimate | None] = [None] * len(units)
         live: list[int] = []
-        sessions, feeds, names, reorders = [], [], [], []
+        sessions, feeds, names, reorders, doubled = [], [], [], [], []
         with tempfile.TemporaryDirectory(prefix="onnxcomp-latency-") as tmp:
             for k, u in enumerate(units):
                 so = self.settings.session_options()
@@ -361,38 +374,64 @@ class CostModel:
                     continue
                 own_transpose = any(n.op_type == "Transpose" for n in u.nodes)
                 found = _profiled_layout_ops(sess.end_profiling(), transposes=not own_transpose)  # ends profiling
+                pair = None
+                # A large layer's run start is a small share of it (in_run_ms stays None: its time
+                # alone net of the call counts); doubling it would only double the memory.
+                if in_run and u.bytes <= _DOUBLE_MAX_BYTES:
+                    try:
+                        twice = ort.InferenceSession(u.doubled_model().SerializeToString(),
+                                                     sess_options=self.settings.session_options(),
+                                                     providers=[self.settings.provider])
+                        f2 = u.doubled_feeds()
+                        outs2 = [o.name for o in twice.get_outputs()]
+                        twice.run(outs2, f2)
+                        pair = (twice, f2, outs2)
+                    except Exception:  # noqa: BLE001 - onnxruntime's own error types: the unit alone still counts
+                        pair = None
+                doubled.append(pair)
                 reorders.append(found if net_of_layout else [])
                 live.append(k)
                 sessions.append(sess)
                 feeds.append(f)
                 names.append(outs)
             if live:
-                wall = _interleave(sessions, feeds, names, target_ms=self.target_ms, min_runs=self.min_runs,
+                n = len(sessions)
+                pairs = [d for d in doubled if d is not None]
+                wall = _interleave(sessions + [d[0] for d in pairs], feeds + [d[1] for d in pairs],
+                                   names + [d[2] for d in pairs], target_ms=self.target_ms, min_runs=self.min_runs,
                                    max_runs=self.max_runs)
-                del sessions
-                costs = self._reorder_costs([r for group in reorders for r in group])
-                for k, w, group in zip(live, wall, reorders, strict=True):
+                second = iter(wall[n:])
+                wall, wall2 = wall[:n], [None if d is None else next(second) for d in doubled]
+                del sessions, doubled, pairs
+                costs = self._reorder_costs([r for group in reorders for r in group], in_run=in_run)
+                for k, w, w2, group in zip(live, wall, wall2, reorders, strict=True):
                     p50 = statistics.median(w)
                     p10, p90 = np.percentile(w, [10, 90])
                     r_in = sum(costs[r] for r in group if r[1] == "in")
                     r_out = sum(costs[r] for r in group if r[1] == "out")
+                    added = None
+                    if w2 is not None:  # the second copy pays its own reorders, at their in-run cost
+                        r_run = sum(costs[(*r, "in_run")] for r in group)
+                        added = float(max(statistics.median(w2) - p50 - r_run, 0.0))
                     est = Estimate(float(max(p50 - r_in - r_out, 0.0)), "measured", len(w),
                                    float((p90 - p10) / p50) if p50 > 0 else 0.0, reorder_in_ms=r_in, reorder_out_ms=r_out,
-                                   wall_ms=float(p50))
+                                   wall_ms=float(p50), in_run_ms=added)
                     results[k] = est
                     self.measured_units += 1
                     if self.cache is not None:
                         self.cache.put(units[k].signature(), {
                             "ms": est.ms, "runs": est.runs, "spread": est.spread, "wall_ms": float(p50),
+                            "in_run_ms": est.in_run_ms,
                             "reorder_in_ms": est.reorder_in_ms, "reorder_out_ms": est.reorder_out_ms,
                             "macs": units[k].macs, "bytes": units[k].bytes, "ops": units[k].ops})
                         self._coef = None
         return [r for r in results if r is not None]
 
-    def _reorder_costs(self, layout_ops: Sequence[tuple]) -> dict:
+    def _reorder_costs(self, layout_ops: Sequence[tuple], in_run: bool = False) -> dict:
         """Time net of the run overhead of each distinct (op, side, dtype, input shape, output shape)
         layout conversion: NCHWc reorders, and the NHWC transposes onnxruntime puts around a lone
-        int8 conv (inside a run of int8 layers they fuse away, like the reorders)."""
+        int8 conv (inside a run of int8 layers they fuse away, like the reorders). With `in_run`, also
+        each one's in-run cost, under the key (*conversion, "in_run")."""
         distinct = list(dict.fromkeys(layout_ops))
         if not distinct:
             return {}
@@ -408,8 +447,13 @@ class CostModel:
             units.append(unit_for_nodes(op, [node], {"x": (shape_in, dtype)}, {}, ["y"], 13,
                                         extra_opsets={"com.microsoft.nchwc": 1}))
         overhead = self.overhead_ms()
-        times = self.estimate(units, together=False, net_of_layout=False)
-        return {r: max(t.ms - overhead, 0.0) if t.source != "analytic" else 0.0 for r, t in zip(distinct, times, strict=True)}
+        times = self.estimate(units, together=False, net_of_layout=False, in_run=in_run)
+        out: dict = {}
+        for r, t in zip(distinct, times, strict=True):
+            out[r] = max(t.ms - overhead, 0.0) if t.source != "analytic" else 0.0
+            if in_run:
+                out[(*r, "in_run")] = t.in_run_ms if t.in_run_ms is not None else out[r]
+        return out
 
 
 def _permutation(shape_in: Sequence[int], shape_out: Sequence[int]) -> list[int]:

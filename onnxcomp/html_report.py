@@ -20,7 +20,7 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bot
 th,td{border-bottom:1px solid #eee;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f6f6f6;font-weight:600} td.n{text-align:right;font-variant-numeric:tabular-nums}
 tr.skipped td{color:#888} .ok{color:#1a7f37;font-weight:600} .bad{color:#c62828;font-weight:600}
-code{font:12px ui-monospace,Menlo,Consolas,monospace;background:#f3f3f3;padding:1px 4px;border-radius:3px}
+code{font:12px ui-monospace,Menlo,Consolas,monospace;background:#f3f3f3;padding:1px 4px;border-radius:3px;overflow-wrap:anywhere}
 img{max-width:100%;border:1px solid #eee} details{margin:4px 0 10px} summary{cursor:pointer;color:#444}
 """
 

@@ -2,8 +2,10 @@
 
 `profile(model, feeds)` runs the model once (unoptimised, every intermediate tensor captured) to get
 each unit's real inputs, cuts it into units (onnxcomp.costmodel.split_units), estimates every unit,
-and times the whole model with the same settings. The prediction is the sum over units of their time
-net of one session run's fixed overhead, plus that overhead once. Reads the model, never edits it.
+and times the whole model with the same settings. The prediction is the sum over units of what each
+adds to a run under way (`Estimate.in_run_ms`: the unit twice in one model minus once; a unit over
+64 MB, or one that cannot be doubled: its time alone net of one session call), plus one session
+call. Reads the model, never edits it.
 """
 
 from __future__ import annotations
@@ -100,11 +102,12 @@ def profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray], cost_model: Co
     if progress is not None:
         progress.message(f"timing {len(units)} layers")
     before_m, before_c = cm.measured_units, cm.cached_units
-    estimates = cm.estimate(units, together=False)
+    estimates = cm.estimate(units, together=False, in_run=True)
     overhead = cm.overhead_ms()
     layers = []
     for u, e in zip(units, estimates, strict=True):
-        layers.append(LayerProfile(u.name, u.ops, e, max(e.ms - overhead, 0.0), u.macs, u.bytes))
+        net = e.in_run_ms if e.in_run_ms is not None else max(e.ms - overhead, 0.0)
+        layers.append(LayerProfile(u.name, u.ops, e, net, u.macs, u.bytes))
     predicted = overhead + sum(layer.net_ms for layer in layers)
     if progress is not None:
         progress.message("timing the whole model")

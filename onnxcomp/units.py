@@ -32,6 +32,7 @@ WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", 
 _STANDARD_DOMAINS = ("", "ai.onnx", "com.microsoft", "ai.onnx.ml")
 # Constants whose values are part of a unit's signature (shape tensors, pads, axes, scales).
 _VALUE_SIGNATURE_ELEMS = 64
+_COPY = "__copy2"  # suffix of the second copy's tensors in `Unit.doubled_model`
 
 
 @dataclass
@@ -111,6 +112,43 @@ class Unit:
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in self.opsets.items()],
                               functions=self.functions or None)
         return runtime_compatible(m)
+
+    def doubled_model(self, seed: int = 0) -> onnx.ModelProto:
+        """The one-unit model with a second, independent copy of the unit after the first: its own
+        inputs (fed the same values, `doubled_feeds`), constants and outputs, so onnxruntime can
+        merge nothing between them. Its time minus the one-unit model's is what the unit adds to a
+        run already under way (the session call, the first kernel's start and its thread-pool wake-up
+        paid once)."""
+        m = self.model(seed)
+        g = m.graph
+        renamed = {name: f"{name}{_COPY}" for name in self.inputs}
+        renamed.update({t.name: f"{t.name}{_COPY}" for t in g.initializer})
+        renamed.update({o: f"{o}{_COPY}" for n in g.node for o in n.output if o})
+        copies = []
+        for n in g.node:
+            c = onnx.NodeProto()
+            c.CopyFrom(n)
+            c.name = f"{n.name}{_COPY}" if n.name else ""
+            c.input[:] = [renamed.get(i, i) for i in n.input]
+            c.output[:] = [renamed.get(o, o) for o in n.output]
+            copies.append(c)
+        g.node.extend(copies)
+        for t in list(g.initializer):
+            c = onnx.TensorProto()
+            c.CopyFrom(t)
+            c.name = renamed[t.name]
+            g.initializer.append(c)
+        for vi in list(g.input):
+            c = onnx.ValueInfoProto()
+            c.CopyFrom(vi)
+            c.name = renamed.get(vi.name, vi.name)
+            g.input.append(c)
+        g.output.extend([onnx.ValueInfoProto(name=renamed[o]) for o in self.outputs])
+        return m
+
+    def doubled_feeds(self, seed: int = 0) -> dict[str, np.ndarray]:
+        f = self.make_feeds(seed)
+        return {**f, **{f"{k}{_COPY}": v for k, v in f.items()}}
 
     def make_feeds(self, seed: int = 0) -> dict[str, np.ndarray]:
         if self.feeds is not None:

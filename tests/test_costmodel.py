@@ -138,6 +138,38 @@ def test_profile_predicts_the_whole_model(cache_dir):
     assert {"predicted_ms", "measured", "error", "layers", "machine"} <= set(d)
 
 
+def test_in_run_cost_is_the_unit_twice_minus_once_and_is_cached(cache_dir):
+    u = _conv_unit("c", channels=8, size=8)
+    m = u.doubled_model()
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = s.run(None, u.doubled_feeds())
+    # Two independent copies (own input, weight and output: nothing for onnxruntime to merge), same values.
+    assert [o.name for o in s.get_outputs()] == ["y", "y__copy2"] and np.array_equal(outs[0], outs[1])
+    assert (len(m.graph.node), len(m.graph.initializer), len(m.graph.input)) == (2, 2, 2)
+    plain = CostModel(target_ms=20).estimate([u])[0]
+    assert plain.source == "measured" and plain.in_run_ms is None
+    e = CostModel(target_ms=20).estimate([u], in_run=True)[0]  # cached without it: timed again, with it
+    assert e.source == "measured" and e.in_run_ms is not None
+    assert 0 <= e.in_run_ms < e.total_ms  # a copy inside a run skips the session call a run alone pays
+    again = CostModel(target_ms=20).estimate([u], in_run=True)[0]
+    assert again.source == "cache" and again.in_run_ms == pytest.approx(e.in_run_ms)
+    assert again.as_dict()["in_run_ms"] == pytest.approx(e.in_run_ms, abs=1e-5)
+
+
+def test_profile_at_two_threads_sums_what_each_layer_adds_to_a_run(cache_dir):
+    """At 2 threads a lone microsecond-sized layer pays a run's start (the call, its first kernel, a
+    thread-pool wake-up) that inside the model only the first layer pays; summing the layers alone
+    net of one call gave 5x this model's time on a CI machine. In-run costs count that start once."""
+    model = tiny_cnn()
+    profs = [profile(model, _feeds(model), CostModel(Settings(threads=2), cache=False, target_ms=20))
+             for _ in range(3)]
+    for prof in profs:
+        assert all(layer.estimate.in_run_ms is not None for layer in prof.layers)
+        assert all(layer.net_ms == layer.estimate.in_run_ms for layer in prof.layers)
+    ratios = sorted(p.predicted_ms / p.measured.ms for p in profs)
+    assert 0.5 < ratios[1] < 2, ratios
+
+
 def test_profile_cli(tmp_path, cache_dir):
     path = tmp_path / "m.onnx"
     onnx.save(tiny_cnn(), path)

@@ -58,7 +58,7 @@ def front_png(result: Any, title: str = "") -> bytes:
     import matplotlib.pyplot as plt
 
     objs = result.objectives
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    fig, ax = plt.subplots(figsize=(9.5, 4.8), dpi=110)
     feas = [r for r in result.trials if r.status == "feasible"]
     bad = [r for r in result.trials if r.status == "infeasible"]
     front = sorted(result.front, key=lambda r: r.values[objs[0]])
@@ -100,7 +100,7 @@ def front_png(result: Any, title: str = "") -> bytes:
             ax.scatter([r.values[o]], [y], marker="D", s=50, color="#55a868", zorder=5,
                        label=f"{r.pipeline} ({r.status})")
             ax.annotate(r.pipeline.split("{")[0], (r.values[o], y), textcoords="offset points", xytext=(6, -12), fontsize=8)
-        ax.set_ylim(ymin, ymax)
+        ax.set_ylim(ymin - 0.04 * (ymax - ymin), ymax)  # the clipped infeasible markers stay whole
         ax.set_xlabel(f"{o} (ratio to the original; smaller is better)")
         ax.set_ylabel(f"metric {metric['name']}" if by_metric else "accuracy / agreement with the original (%)")
     else:
@@ -115,7 +115,8 @@ def front_png(result: Any, title: str = "") -> bytes:
         ax.set_xlabel(f"{a} ratio")
         ax.set_ylabel(f"{b} ratio")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    # Beside the axes, not in them: inside, "best" still covered the infeasible markers clipped to the bottom.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     n_feasible = sum(1 for r in result.trials if r.status == "feasible")
     ax.set_title(f"{title}: {len(result.trials)} trials, {n_feasible} feasible" if title else "search")
     fig.tight_layout()
