@@ -265,7 +265,7 @@ class CostModel:
                 out[k] = self.analytic(u, reason="measuring is off")
                 continue
             hit = None if (fresh or self.cache is None) else self.cache.get(u.signature())
-            if hit is not None and in_run and not _finite(hit.get("in_run_ms")):
+            if hit is not None and in_run and u.bytes <= _DOUBLE_MAX_BYTES and not _finite(hit.get("in_run_ms")):
                 hit = None  # timed before without its in-run cost: time it again, with it
             if hit is not None:
                 self.cached_units += 1

@@ -156,6 +156,16 @@ def test_in_run_cost_is_the_unit_twice_minus_once_and_is_cached(cache_dir):
     assert again.as_dict()["in_run_ms"] == pytest.approx(e.in_run_ms, abs=1e-5)
 
 
+def test_a_unit_too_large_to_double_keeps_its_time_alone_and_is_read_from_the_cache(cache_dir):
+    n = 4200  # a 70 MB weight: over the 64 MB up to which a unit is also timed twice in one model
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="big")
+    u = unit_for_nodes("big", [node], {"x": ((1, n), TensorProto.FLOAT)}, {"w": ((n, n), TensorProto.FLOAT)}, ["y"], 17)
+    first = CostModel(target_ms=20).estimate([u], in_run=True)[0]
+    assert first.source == "measured" and first.in_run_ms is None
+    again = CostModel(target_ms=20).estimate([u], in_run=True)[0]
+    assert again.source == "cache" and again.ms == pytest.approx(first.ms)
+
+
 def test_profile_at_two_threads_sums_what_each_layer_adds_to_a_run(cache_dir):
     """At 2 threads a lone microsecond-sized layer pays a run's start (the call, its first kernel, a
     thread-pool wake-up) that inside the model only the first layer pays; summing the layers alone
