@@ -265,7 +265,7 @@ class CostModel:
                 out[k] = self.analytic(u, reason="measuring is off")
                 continue
             hit = None if (fresh or self.cache is None) else self.cache.get(u.signature())
-            if hit is not None and in_run and u.bytes <= _DOUBLE_MAX_BYTES and not _finite(hit.get("in_run_ms")):
+            if hit is not None and in_run and _doubled(u) and not _finite(hit.get("in_run_ms")):
                 hit = None  # timed before without its in-run cost: time it again, with it
             if hit is not None:
                 self.cached_units += 1
@@ -377,7 +377,7 @@ class CostModel:
                 pair = None
                 # A large layer's run start is a small share of it (in_run_ms stays None: its time
                 # alone net of the call counts); doubling it would only double the memory.
-                if in_run and u.bytes <= _DOUBLE_MAX_BYTES:
+                if in_run and _doubled(u):
                     try:
                         twice = ort.InferenceSession(u.doubled_model().SerializeToString(),
                                                      sess_options=self.settings.session_options(),
@@ -504,6 +504,12 @@ def _profiled_layout_ops(path: str, transposes: bool) -> list[tuple]:
             continue
         out.append((op, side, elem, tuple(int(d) for d in dims_in), tuple(int(d) for d in dims_out)))
     return out
+
+
+def _doubled(unit: Unit) -> bool:
+    """Whether `estimate(in_run=True)` times `unit` twice in one model (in_run_ms); larger units keep
+    their time alone net of the call."""
+    return unit.bytes <= _DOUBLE_MAX_BYTES
 
 
 def _interleave(sessions: Sequence[Any], feeds: Sequence[dict], names: Sequence[list[str]], *, target_ms: float,
