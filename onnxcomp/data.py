@@ -1084,6 +1084,12 @@ def _held_mask(start: int, n: int) -> np.ndarray:
     return (h >> np.uint64(61)) < HOLDOUT_FRACTION_EIGHTHS
 
 
+def held_out_mask(n: int, cap: int = HOLDOUT_CAP) -> np.ndarray:
+    """Which of `n` samples (in order) `holdout_split` holds out: the same rows whatever the batching."""
+    held = _held_mask(0, n)
+    return held & (np.cumsum(held) <= cap)
+
+
 class SubsetSource(DataSource):
     """One side of a held-out split of `parent`: `held=True` yields the held-out samples (at most
     `cap`), `held=False` every other sample. Both sides together are the parent, each sample once."""

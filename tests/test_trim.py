@@ -256,6 +256,24 @@ def test_share_metric_and_held_out_locality_in_the_report():
     assert conv1.figures["out_channels_trimmed"] == 4 and conv1.figures["locality_heldout"] == 0.0
 
 
+def test_a_channel_constant_only_on_the_calibration_samples_is_counted_on_the_held_out_ones():
+    """threshold=0 folds a channel constant on the calibration samples exactly there; a held-out
+    sample that wakes it is not hidden: the report counts the groups above the threshold there."""
+    model = dead_channel_cnn()
+    x, src = _data(model)
+    _, quiet = _data(model, n=16, seed=9)
+    loud_x = 1e4 * np.random.default_rng(9).standard_normal((16, 3, 12, 12)).astype(np.float32)  # wakes bias -100
+    loud = open_source({"x": loud_x}, model=model, batch_size=16)
+    figures = {}
+    for name, held in (("quiet", quiet), ("loud", loud)):
+        result = TrimPass(threshold=0.0, round=1).run(model, Context(data=src, held_data=held))
+        figures[name] = result.figures
+        np.testing.assert_allclose(_run(result.model, x), _run(model, x), rtol=1e-5, atol=1e-5)  # exact on its data
+    assert figures["quiet"]["groups_trimmed"] == figures["loud"]["groups_trimmed"] == len(DEAD) + len(CONSTANT)
+    assert figures["quiet"]["groups_above_threshold_heldout"] == 0
+    assert figures["loud"]["groups_above_threshold_heldout"] == len(DEAD)  # the constant ones have zero weights
+
+
 def test_nothing_qualifies_leaves_the_model_and_says_why_per_layer():
     model = dead_channel_cnn()
     _, src = _data(model)

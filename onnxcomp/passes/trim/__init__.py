@@ -168,6 +168,12 @@ class TrimPass(Pass):
         slot_score = {(t, ch): g.score for g in chosen for t, ch in g.group.slots}
         records = self._records(model, cg, groups, node_figs, removed, slot_score, held, cfg, layers)
         figures = self._figures(cg, groups, chosen, locs, cfg, costs, samples, records)
+        if held and cfg.criterion == "locality" and cfg.metric == "std" and not cfg.target:
+            # the std score is what the threshold judged: a group above it on held-out samples was
+            # constant enough on the calibration samples only (its fold is exact there, not beyond)
+            limit = figures["threshold"]
+            figures["groups_above_threshold_heldout"] = sum(
+                1 for g in chosen if max((held.get(s, 0.0) for s in g.group.slots), default=0.0) > limit + 1e-12)
         if cfg.refit != "off":
             figures["refit"] = cfg.refit
             figures["refit_applied"] = sum(1 for f in node_figs.values() if f.get("refit") == "applied")
