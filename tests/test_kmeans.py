@@ -91,6 +91,17 @@ def test_zero_weights_and_all_zero_weight_groups_give_finite_centroids():
     assert np.all(np.isfinite(cl.centroids))
 
 
+def test_a_group_spread_over_a_few_denormals_is_binned_without_overflow():
+    """A BN-zeroed channel of a real model (PP-OCRv4 rec): hundreds of distinct values within 1e-40,
+    more than max_points, so the histogram's scale (bins / spread) overflows float32."""
+    v = (np.arange(600, dtype=np.float64) * 1e-43).astype(np.float32)[None, :]
+    v = np.concatenate([v, np.random.default_rng(4).standard_normal((1, 600)).astype(np.float32)])
+    summaries = kmeans.summarise(v, np.ones_like(v), max_points=64)
+    assert all(np.all(np.isfinite(sm.points)) and sm.weights.sum() == 600 for sm in summaries)
+    cent = kmeans.fit_centroids(summaries, 16).centroids
+    assert np.all(np.isfinite(cent)) and float(np.abs(cent[0]).max()) <= float(v[0].max())
+
+
 @pytest.mark.parametrize("bad", [np.array([1.0, np.nan]), np.array([1.0, np.inf])])
 def test_non_finite_values_are_refused(bad):
     with pytest.raises(ValueError, match="finite"):

@@ -83,12 +83,12 @@ def _summarise(v: np.ndarray, w: np.ndarray | None, max_points: int) -> _Summary
             return _Summary(u, cw, u, cw, True)
     lo, hi = float(v.min()), float(v.max())
     bins = max_points * _FINE
-    scale = bins / (hi - lo)
+    scale = bins / (hi - lo)  # float64: a spread of a few denormals (a BN-zeroed channel) overflows float32
     sw = np.zeros(bins)
     sx = np.zeros(bins)
     for a in range(0, v.size, _CHUNK):
         part = v[a : a + _CHUNK]
-        idx = np.minimum(((part - part.dtype.type(lo)) * part.dtype.type(scale)).astype(np.int64), bins - 1)
+        idx = np.clip(((part.astype(np.float64) - lo) * scale).astype(np.int64), 0, bins - 1)
         pw = None if w is None else w[a : a + _CHUNK]
         sw += np.bincount(idx, weights=pw, minlength=bins)
         sx += np.bincount(idx, weights=part if pw is None else pw * part, minlength=bins)
