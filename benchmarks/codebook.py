@@ -10,7 +10,8 @@ result against the original, interleaved in one process (p50 of many runs, ratio
 Part `accuracy`: per trained / rapidocr model (normalized; calibration and test data apart, the
 test data never seen by the pass): the task figure (accuracy, sequence agreement or detection map as
 in benchmarks/table.py) at 8/6/4/3 bits plain k-means, data-aware (Hessian-diagonal weighting) at
-4/3 bits, and mixed bits by measured sensitivity (avg_bits=4 and 3), with the file ratio.
+4/3 bits, mixed bits by measured sensitivity (avg_bits=4 and 3), and the same with per-channel
+scales (`scale=channel`), with the file ratio.
 
     python benchmarks/codebook.py [--part zoo|accuracy|all] [--only vgg16,glyph_resnet] [--out benchmarks/out/codebook.md]
 """
@@ -35,6 +36,8 @@ ZOO_BITS = (8, 6, 4, 3, 2)
 ACC_CONFIGS = [(f"{b} bits", f"bits={b},weighting=none") for b in (8, 6, 4, 3)]
 ACC_CONFIGS += [(f"{b} bits, data-aware", f"bits={b},weighting=hessian") for b in (4, 3)]
 ACC_CONFIGS += [(f"avg {b} bits, mixed", f"avg_bits={b}") for b in (4, 3)]
+ACC_CONFIGS += [("4 bits, channel scales", "bits=4,scale=channel")]
+ACC_CONFIGS += [(f"avg {b} bits, mixed, channel scales", f"avg_bits={b},scale=channel") for b in (4, 3)]
 
 
 def _peak_rss() -> int:

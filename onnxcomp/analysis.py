@@ -592,8 +592,8 @@ def codebook_layers(model: onnx.ModelProto) -> list[CodebookLayer]:
         else:
             labels, storage = bitpack.unpack(raw, bits, n), "packed"
         layer = t.name.split("/codebook_indices")[0]
-        book = inits.get(f"{layer}/codebook")
-        book_bytes = int(numpy_helper.to_array(book).nbytes) if book is not None else 0
+        book_bytes = sum(int(numpy_helper.to_array(inits[name]).nbytes)  # the codebook, and its channel scales
+                         for name in (f"{layer}/codebook", f"{layer}/codebook_scale") if name in inits)
         out.append(CodebookLayer(layer, bits, storage, n, len(t.raw_data), book_bytes,
                                  bitpack.entropy_bits(labels, 1 << bits)))
     return out

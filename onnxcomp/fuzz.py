@@ -237,6 +237,7 @@ PIPELINES: list[tuple[str, bool, tuple[str, ...], bool | str]] = [
     ("default", True, (), False),
     # codebooks: the reported error recomputed; with data, mixed bits measured and composed with tucker
     ("codebook{bits=3,granularity=channel,min_params=16}", True, ("--no-guard", "--validate"), False),
+    ("codebook{bits=4,scale=channel,min_params=16}", True, ("--no-guard", "--validate"), False),
     ("tucker{rank=0.5,round=2,objective=macs},codebook{min_params=16,samples=8}", True, (), False),
     # trimming: only channels constant on the data (exact there), and by a MAC target (the reported error recomputed)
     ("trim{threshold=0,round=1}", True, (), DATA_EXACT),

@@ -114,6 +114,48 @@ def test_per_channel_and_grouped_codebooks_decode_in_the_right_layout(granularit
         assert float(np.sum((got - w) ** 2) / np.sum(w**2)) < 0.2
 
 
+def _channel_scaled(model, levels=4):
+    """`model` with every weight's output channels scaled copies (by 0.01..10) of one pattern of
+    `levels` values (a BN fold of a layer whose channels differ in gain)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    rng = np.random.default_rng(5)
+    weights = {n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm")}  # output axis 0 (fc: transB)
+    for t in out.graph.initializer:
+        if t.name in weights:
+            w = numpy_helper.to_array(t)
+            pattern = rng.choice(np.array([-1.0, -0.25, 0.5, 1.0]), size=w.shape[1:])
+            gains = np.geomspace(0.01, 10, w.shape[0])
+            t.CopyFrom(numpy_helper.from_array((gains.reshape(-1, *[1] * (w.ndim - 1)) * pattern).astype(np.float32), t.name))
+    return out
+
+
+def test_channel_scales_reproduce_scaled_channels_that_one_codebook_cannot():
+    """Channels that are scaled copies of one 4-valued pattern: with scale=channel, a 2-bit per-tensor
+    codebook decodes (in onnxruntime, through the scale Mul) to the weights themselves; without, its
+    4 centroids go to the loudest channels and the quiet ones collapse. The scales' bytes are counted."""
+    from onnxcomp.analysis import codebook_layers
+
+    model = _channel_scaled(tiny_cnn(classes=20))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    weight_of = {n.name: n.input[1] for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+    scaled = _codebook(model, bits=2, scale="channel", min_params=16)
+    plain = _codebook(model, bits=2, min_params=16)
+    got, flat = _decoded_weights(scaled), _decoded_weights(plain)
+    assert set(got) == {"conv1", "conv2", "fc"}
+    for name, w in got.items():
+        ref = inits[weight_of[name]]
+        np.testing.assert_allclose(w, ref, rtol=1e-6, atol=0)
+        quiet = np.abs(ref[0]).max()  # the quietest channel: the plain codebook loses it
+        assert np.abs(flat[name][0] - ref[0]).max() > 0.5 * quiet
+    books = {c.node: c for c in codebook_layers(scaled.model)}
+    for r in scaled.layers:
+        if r.action == REWRITTEN:
+            channels = inits[weight_of[r.node]].shape[0]
+            assert r.figures["scale"] == "channel"
+            assert r.figures["codebook_bytes"] == 4 * (4 + channels) == books[r.node].codebook_bytes
+
+
 def test_kernel_rows_share_codebook_entries():
     model = tiny_cnn()
     result = _codebook(model, bits=3, vector="row", min_params=16)
@@ -162,6 +204,9 @@ def test_nan_equal_and_tiny_weights_are_skipped_with_a_reason():
     ("codebook{avg_bits=9}", "avg_bits=9"),
     ("codebook{granularity=rows}", "granularity"),
     ("codebook{vector=row,granularity=channel,bits=2}", "vector=row"),
+    ("codebook{scale=channel,granularity=channel,bits=2}", "scale=channel"),
+    ("codebook{scale=channel,vector=row,bits=2}", "scale=channel"),
+    ("codebook{scale=layer}", "scale"),
 ])
 def test_bad_options_are_one_line_errors(spec, message):
     with pytest.raises(PipelineSyntaxError, match=message):

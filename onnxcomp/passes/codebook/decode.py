@@ -99,11 +99,17 @@ def _const(ed: GraphEditor, name: str, values, dtype=np.int64) -> str:
 
 
 def decode_nodes(ed: GraphEditor, base: str, layout: Layout, labels: np.ndarray, codebook: np.ndarray,
-                 bits: int, storage: str, opset: int, output: str) -> list[onnx.NodeProto]:
+                 bits: int, storage: str, opset: int, output: str, scale: str | None = None) -> list[onnx.NodeProto]:
     """Nodes computing the dense weight `output` from the stored indices and codebook.
 
     `labels`: (G, L) per-group indices (L including padding) or (R,) row indices; `codebook`:
-    (G, K) scalars or (K, d) rows."""
+    (G, K) scalars or (K, d) rows; `scale`: an initializer multiplied into the decoded weight
+    (per-channel scales, shaped to broadcast), or None."""
+    if scale is not None:
+        unscaled = ed.unique_name(f"{base}/codebook_unscaled")
+        nodes = decode_nodes(ed, base, layout, labels, codebook, bits, storage, opset, unscaled)
+        nodes.append(make_node("Mul", [unscaled, scale], [output], ed.unique_name(f"{base}/codebook_scaled")))
+        return nodes
     nodes: list[onnx.NodeProto] = []
     n = int(labels.size)
     cur = ed.add_tensor(index_initializer(f"{base}/codebook_indices", labels, bits, storage))
