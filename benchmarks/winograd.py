@@ -20,7 +20,7 @@ its 62-class test set, 1000 images), with the achieved sparsities and the multip
 platform needs when it skips zeros; the guarded `optimize` (which puts back the layers that break
 the tolerance) for the trained model.
 
-    python benchmarks/winograd.py [--part speed|sparsity|pack|all] [--models vgg16,resnet18] [--out benchmarks/out/winograd.md]
+    python benchmarks/winograd.py [--part speed|stage|sparsity|pack|all] [--models vgg16,resnet18] [--out benchmarks/out/winograd.md]
 """
 
 from __future__ import annotations
@@ -210,9 +210,49 @@ def _sparsity_row(name, tile, setting, res, score):
             f"{tot.get('spatial_skipped', 0):.1%} / {tot.get('winograd_skipped', 0):.1%} | {score} |")
 
 
+def output_stage(lines: list[str]) -> None:
+    """The form's output transform alone, interleaved: the MatMul by kron(A^T, A^T) followed by
+    DepthToSpace (the body before 2026-12-06) against the ConvTranspose by A^T that replaced it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxcomp.costmodel import CostModel
+    from onnxcomp.linalg.winograd import output_transform_matrix, transforms
+
+    m, a2 = 4, 36
+    kron = output_transform_matrix(transforms(m)).astype(np.float32)  # [m*m, a*a]
+    lines += ["## F(4,3) output stage alone: MatMul + DepthToSpace vs ConvTranspose (interleaved)", "",
+              "| C_out @ tiles | MatMul + DepthToSpace ms | ConvTranspose ms | speed-up | max abs difference |",
+              "|---|---|---|---|---|"]
+    rng = np.random.default_rng(0)
+    for co, t in ((64, 56), (128, 28), (256, 14), (512, 7), (512, 4)):
+        x = rng.standard_normal((1, a2, co * t * t)).astype(np.float32)
+
+        def model(nodes, inits, shape=x.shape):
+            g = helper.make_graph(nodes, "stage", [helper.make_tensor_value_info("P", TensorProto.FLOAT, shape)],
+                                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(v, k) for k, v in inits.items()])
+            out = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+            out.ir_version = 8
+            return out
+
+        old = model([helper.make_node("MatMul", ["A", "P"], ["y"]), helper.make_node("Reshape", ["y", "s"], ["b"]),
+                     helper.make_node("DepthToSpace", ["b"], ["Y"], blocksize=m, mode="DCR")],
+                    {"A": kron, "s": np.array([-1, m * m * co, t, t], np.int64)})
+        new = model([helper.make_node("Reshape", ["P", "g"], ["p"]),
+                     helper.make_node("ConvTranspose", ["p", "W"], ["y"], strides=[m, m]),
+                     helper.make_node("Reshape", ["y", "s"], ["Y"])],
+                    {"W": np.ascontiguousarray(kron.T.reshape(a2, 1, m, m)), "g": np.array([-1, a2, co * t, t], np.int64),
+                     "s": np.array([-1, co, t * m, t * m], np.int64)})
+        diff = float(np.abs(_run(old, {"P": x})["Y"] - _run(new, {"P": x})["Y"]).max())
+        est = CostModel(cache=False).time_models([old, new], {"P": x}, min_runs=30, target_ms=3000.0)
+        lines.append(f"| {co} @ {t}x{t} | {est[0].ms:.3f} | {est[1].ms:.3f} | {est[0].ms / est[1].ms:.2f}x | {diff:.1e} |")
+    lines.append("")
+    print("\n".join(lines[-10:]), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("speed", "sparsity", "pack", "all"), default="all")
+    ap.add_argument("--part", choices=("speed", "stage", "sparsity", "pack", "all"), default="all")
     ap.add_argument("--models", default="vgg16,resnet18")
     ap.add_argument("--out", default=str(HERE / "out" / "winograd.md"))
     args = ap.parse_args()
@@ -226,6 +266,8 @@ def main() -> int:
              f"`python benchmarks/winograd.py --part {args.part}`", ""]
     if args.part in ("speed", "all"):
         speed([m for m in args.models.split(",") if m], lines)
+    if args.part in ("stage", "all"):
+        output_stage(lines)
     if args.part in ("sparsity", "all"):
         sparsity(lines)
     if args.part in ("pack", "all"):
