@@ -10,10 +10,12 @@ result against the original, interleaved in one process (p50 of many runs, ratio
 Part `accuracy`: per trained / rapidocr model (normalized; calibration and test data apart, the
 test data never seen by the pass): the task figure (accuracy, sequence agreement or detection map as
 in benchmarks/table.py) at 8/6/4/3 bits plain k-means, data-aware (Hessian-diagonal weighting) at
-4/3 bits, mixed bits by measured sensitivity (avg_bits=4 and 3), and the same with per-channel
-scales (`scale=channel`), with the file ratio.
+4/3 bits, mixed bits by measured sensitivity (avg_bits=4 and 3), the same with per-channel
+scales (`scale=channel`), and with error-compensated rounding (`compensate=gptq`), with the file
+ratio; for the recognizer also the lines and characters read right against the rendered texts.
 
     python benchmarks/codebook.py [--part zoo|accuracy|all] [--only vgg16,glyph_resnet] [--out benchmarks/out/codebook.md]
+                                  [--configs REGEX --merge]   (re-measure some accuracy rows in place)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -33,11 +36,15 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 ZOO_BITS = (8, 6, 4, 3, 2)
-ACC_CONFIGS = [(f"{b} bits", f"bits={b},weighting=none") for b in (8, 6, 4, 3)]
-ACC_CONFIGS += [(f"{b} bits, data-aware", f"bits={b},weighting=hessian") for b in (4, 3)]
-ACC_CONFIGS += [(f"avg {b} bits, mixed", f"avg_bits={b}") for b in (4, 3)]
-ACC_CONFIGS += [("4 bits, channel scales", "bits=4,scale=channel")]
-ACC_CONFIGS += [(f"avg {b} bits, mixed, channel scales", f"avg_bits={b},scale=channel") for b in (4, 3)]
+# compensate=none where the label does not say gptq (the rows measured before GPTQ rounding was the default)
+ACC_CONFIGS = [(f"{b} bits", f"bits={b},weighting=none,compensate=none") for b in (8, 6, 4, 3)]
+ACC_CONFIGS += [(f"{b} bits, data-aware", f"bits={b},weighting=hessian,compensate=none") for b in (4, 3)]
+ACC_CONFIGS += [(f"avg {b} bits, mixed", f"avg_bits={b},compensate=none") for b in (4, 3)]
+ACC_CONFIGS += [("4 bits, channel scales", "bits=4,scale=channel,compensate=none")]
+ACC_CONFIGS += [(f"avg {b} bits, mixed, channel scales", f"avg_bits={b},scale=channel,compensate=none") for b in (4, 3)]
+ACC_CONFIGS += [(f"{b} bits, channel scales, gptq", f"bits={b},scale=channel,compensate=gptq,samples=128")
+                for b in (4, 3)]
+ACC_CONFIGS += [("avg 4 bits, mixed, channel scales, gptq", "avg_bits=4,scale=channel,compensate=gptq,samples=128")]
 
 
 def _peak_rss() -> int:
@@ -111,8 +118,8 @@ def zoo_rows(names: list[str] | None) -> list[dict]:
     return rows
 
 
-def accuracy_rows(names: list[str] | None) -> list[dict]:
-    from table import load_cases, outputs_of, sizes, task_score
+def accuracy_rows(names: list[str] | None, configs: str = "") -> list[dict]:
+    from table import load_cases, outputs_of, sizes, task_score, text_scores
 
     from onnxcomp.data import open_source
     from onnxcomp.model import load_model
@@ -128,8 +135,11 @@ def accuracy_rows(names: list[str] | None) -> list[dict]:
         base_score = task_score(case, model, ref)
         base_size, base_lzma = sizes(model)
         rows.append({"model": case.name, "config": "fp32", "task": base_score, "ratio": 1.0,
-                     "lzma_ratio": base_size / base_lzma, "avg_bits": 32.0, "seconds": 0.0})
+                     "lzma_ratio": base_size / base_lzma, "avg_bits": 32.0, "seconds": 0.0,
+                     "text": text_scores(case, ref)})
         for label, opts in ACC_CONFIGS:
+            if configs and not re.search(configs, label):
+                continue
             ctx = Context(data=open_source({inp: xc}, model=model))
             t0 = time.perf_counter()
             out, report = Pipeline.parse(f"codebook{{{opts}}}", normalize=False).run(model, ctx)
@@ -138,7 +148,7 @@ def accuracy_rows(names: list[str] | None) -> list[dict]:
             row = {"model": case.name, "config": label, "task": task_score(case, out, ref),
                    "ratio": base_size / size, "lzma_ratio": base_size / packed,
                    "avg_bits": report.passes[-1].figures.get("avg_bits_achieved"), "seconds": seconds,
-                   "metric": case.metric}
+                   "metric": case.metric, "text": text_scores(case, outputs_of(out, case.test[0]))}
             rows.append(row)
             print(f"{case.name:<18} {label:<22} task {row['task']:.2f} (fp32 {base_score:.2f})  "
                   f"{row['ratio']:.2f}x file  {row['lzma_ratio']:.2f}x lzma  ({seconds:.0f} s)", flush=True)
@@ -166,11 +176,17 @@ def render(zoo: list[dict], acc: list[dict]) -> str:
     if acc:
         out += ["## Task accuracy (test data the pass never saw)", "",
                 "Task figure: top-1 accuracy % (glyphs, ppocr_cls), whole-sequence agreement with the fp32 "
-                "model % (ppocr_rec), detection map agreement % (ppocr_det); see benchmarks/table.py.", "",
-                "| model | config | task | avg bits | file ratio | lzma ratio | seconds |",
-                "|---|---|---:|---:|---:|---:|---:|"]
+                "model % (ppocr_rec), detection map agreement % (ppocr_det); see benchmarks/table.py. "
+                "Text (ppocr_rec only): % of the test lines read exactly / % character accuracy, against the "
+                "rendered texts (greedy CTC decoding as rapidocr does; characters: 1 - edits / characters of the "
+                "truth, below 0 when the output is longer garbage). `gptq`: "
+                "`compensate=gptq,samples=128`, the weights rounded onto the codebook column by column with the "
+                "error moved along the inverse input Hessian of up to 128 calibration samples.", "",
+                "| model | config | task | text: lines / chars | avg bits | file ratio | lzma ratio | seconds |",
+                "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in acc:
-            out.append(f"| {r['model']} | {r['config']} | {r['task']:.2f} | {r['avg_bits'] or 0:.2f} | "
+            text = "" if not r.get("text") else f"{r['text'][0]:.1f} / {r['text'][1]:.2f}"
+            out.append(f"| {r['model']} | {r['config']} | {r['task']:.2f} | {text} | {r['avg_bits'] or 0:.2f} | "
                        f"{r['ratio']:.2f}x | {r['lzma_ratio']:.2f}x | {r['seconds']:.1f} |")
         out.append("")
     return "\n".join(out)
@@ -184,10 +200,19 @@ def main() -> int:
     ap.add_argument("--part", default="all", choices=("zoo", "accuracy", "all"))
     ap.add_argument("--only", default="", help="comma-separated model names")
     ap.add_argument("--out", default=str(HERE / "out" / "codebook.md"))
+    ap.add_argument("--configs", default="", help="accuracy part: only the configs whose label matches this regex")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace the measured rows in --out's existing JSON (same model and config), keep the others")
     args = ap.parse_args()
     names = args.only.split(",") if args.only else None
     zoo = zoo_rows(names) if args.part in ("zoo", "all") else []
-    acc = accuracy_rows(names) if args.part in ("accuracy", "all") else []
+    acc = accuracy_rows(names, args.configs) if args.part in ("accuracy", "all") else []
+    old = Path(args.out).with_suffix(".json")
+    if args.merge and old.is_file():
+        before = json.loads(old.read_text())
+        new = {(r["model"], r["config"]): r for r in acc}
+        acc = [new.pop((r["model"], r["config"]), r) for r in before.get("accuracy", [])] + list(new.values())
+        zoo = zoo or before.get("zoo", [])
     text = render(zoo, acc)
     Path(args.out).write_text(text + "\n")
     Path(args.out).with_suffix(".json").write_text(json.dumps({"zoo": zoo, "accuracy": acc}, indent=1) + "\n")

@@ -65,6 +65,7 @@ class Case:
     # (probability > 0.3, PP-OCR's DB threshold) equals the original model's
     metric: str = "classify"
     heavy: bool = False  # only the baseline and the default recipe (each guarded Tucker run takes minutes)
+    texts: list[str] | None = None  # a recognizer's test lines as rendered (its real labels)
 
 
 def load_cases(names: list[str] | None, quick: bool) -> list[Case]:
@@ -83,10 +84,11 @@ def load_cases(names: list[str] | None, quick: bool) -> list[Case]:
                           "PP-OCR mobile v2.0 text orientation, rendered lines"))
     root = evaldata.ppocr_cls_model_path().parent
     if not names or "ppocr_rec" in names:
-        cases.append(Case("ppocr_rec", root / "ch_PP-OCRv4_rec_infer.onnx",
-                          (evaldata.ppocr_rec_dataset(n=100 if quick else 200, seed=1)[0], None),
+        x_rec, texts = evaldata.ppocr_rec_dataset(n=100 if quick else 200, seed=1)
+        cases.append(Case("ppocr_rec", root / "ch_PP-OCRv4_rec_infer.onnx", (x_rec, None),
                           (evaldata.ppocr_rec_dataset(n=128, seed=2)[0], None),
-                          "PP-OCRv4 recognizer, rendered lines 3x48x320", metric="sequence", heavy=True))
+                          "PP-OCRv4 recognizer, rendered lines 3x48x320", metric="sequence", heavy=True,
+                          texts=texts))
     if not names or "ppocr_det" in names:
         cases.append(Case("ppocr_det", root / "ch_PP-OCRv4_det_infer.onnx",
                           (evaldata.ppocr_det_dataset(n=16 if quick else 32, seed=1), None),
@@ -112,6 +114,14 @@ def task_score(case: Case, model: onnx.ModelProto, reference: np.ndarray | None)
     if case.metric == "sequence":
         return 100.0 * float(np.mean((out.argmax(-1) == reference.argmax(-1)).all(axis=1)))
     return 100.0 * float(np.mean((out > 0.3) == (reference > 0.3)))
+
+
+def text_scores(case: Case, out: np.ndarray) -> tuple[float, float] | None:
+    """A recognizer's (% lines read exactly, % character accuracy) against the rendered texts, CTC
+    decoded greedily as rapidocr does; None for other cases."""
+    if case.texts is None:
+        return None
+    return evaldata.text_accuracy(evaldata.ctc_greedy_texts(out, evaldata.ctc_characters(case.path)), case.texts)
 
 
 def accuracy_of(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, batch: int = 64) -> float:

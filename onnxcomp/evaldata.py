@@ -567,6 +567,44 @@ def ppocr_det_dataset(n: int = 32, seed: int = 0, size: int = 320) -> np.ndarray
     return out
 
 
+def ctc_characters(model_path: str | Path) -> list[str]:
+    """The character list of a PP-OCR recognizer, as rapidocr decodes with it: "blank" at index 0, the
+    model's `character` metadata (one per line), and a space at the end."""
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
+    if "character" not in meta:
+        raise BadInputError(f"{model_path}: no 'character' metadata (not a PP-OCR recognizer export)")
+    return ["blank", *meta["character"].splitlines(), " "]
+
+
+def ctc_greedy_texts(scores: np.ndarray, characters: Sequence[str]) -> list[str]:
+    """Greedy CTC decoding of [N, T, C] scores: per position the argmax, repeats merged, blanks
+    (index 0) dropped, leading and trailing spaces stripped."""
+    texts = []
+    for path in np.asarray(scores).argmax(axis=-1):
+        keep = np.ones(len(path), dtype=bool)
+        keep[1:] = path[1:] != path[:-1]
+        texts.append("".join(characters[int(c)] for c in path[keep & (path != 0)]).strip())
+    return texts
+
+
+def text_accuracy(predicted: Sequence[str], truth: Sequence[str]) -> tuple[float, float]:
+    """(% of lines read exactly, % character accuracy = 1 - edit distance / characters of the truth)."""
+    if len(predicted) != len(truth) or not truth:
+        raise BadInputError(f"text accuracy needs as many predictions as truths, got {len(predicted)} and {len(truth)}")
+    edits = 0
+    for a, b in zip(predicted, truth, strict=True):
+        row = list(range(len(b) + 1))  # Levenshtein distance, one row at a time
+        for i, ca in enumerate(a, 1):
+            diag, row[0] = row[0], i
+            for j, cb in enumerate(b, 1):
+                diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (ca != cb))
+        edits += row[-1]
+    lines = 100.0 * float(np.mean([a == b for a, b in zip(predicted, truth, strict=True)]))
+    return lines, 100.0 * (1.0 - edits / max(sum(len(b) for b in truth), 1))
+
+
 def ppocr_cls_model_path() -> Path:
     """Path of the PP-OCR mobile v2.0 orientation classifier shipped inside rapidocr-onnxruntime."""
     spec = importlib.util.find_spec("rapidocr_onnxruntime")

@@ -265,11 +265,13 @@ def test_data_aware_weighting_beats_plain_kmeans_on_layer_output_error():
 
 
 def test_avg_bits_spends_bits_by_measured_sensitivity():
+    # under nearest rounding, the rounding the allocation's error model describes (GPTQ rounding, the
+    # default with data, is pinned in test_codebook_gptq.py)
     model, data = _glyph()
     d = np.load(ROOT / "models" / "glyph_calib.npz")
     ref = ort_run(model, {"input": d["input"]})
-    uniform = _codebook(model, Context(data=data()), bits=3)
-    mixed = _codebook(model, Context(data=data()), avg_bits=3.0)
+    uniform = _codebook(model, Context(data=data()), bits=3, compensate="none")
+    mixed = _codebook(model, Context(data=data()), avg_bits=3.0, compensate="none")
     assert mixed.figures["avg_bits_achieved"] <= 3.0 and "measured" in mixed.figures["allocation"]
     bits = [r.figures["bits"] for r in mixed.layers if r.action == REWRITTEN]
     assert len(set(bits)) > 2  # really mixed

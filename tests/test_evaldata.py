@@ -230,3 +230,32 @@ def test_main_writes_a_data_set(tmp_path, capsys):
     with np.load(out) as npz:
         assert npz["input"].shape == (10, 1, 32, 32) and npz["labels"].tolist() == list(range(10))
     assert ed.main(["glyphs", str(out), "-n", "10", "--input-name", "labels"]) == 2
+
+
+def test_ctc_greedy_decoding_merges_repeats_and_drops_blanks():
+    chars = ["blank", "a", "b", " "]
+    path = [[0, 1, 1, 0, 1, 2, 2, 3, 0], [3, 3, 2, 0, 0, 0, 0, 0, 0]]
+    scores = np.eye(4)[np.array(path)]
+    assert ed.ctc_greedy_texts(scores, chars) == ["aab", "b"]  # a blank separates a repeat; spaces stripped
+
+
+def test_text_accuracy_counts_lines_and_edits():
+    lines, chars = ed.text_accuracy(["abc", "abd", ""], ["abc", "abc", "xy"])
+    assert lines == pytest.approx(100 / 3)
+    assert chars == pytest.approx(100 * (1 - 3 / 8))  # one substitution, two deletions over 8 characters
+    with pytest.raises(BadInputError):
+        ed.text_accuracy(["a"], ["a", "b"])
+
+
+def test_ppocr_recognizer_reads_its_rendered_lines():
+    pytest.importorskip("rapidocr_onnxruntime")
+    from onnxcomp.runtime import make_session
+
+    path = ed.ppocr_cls_model_path().parent / "ch_PP-OCRv4_rec_infer.onnx"
+    chars = ed.ctc_characters(path)
+    assert chars[0] == "blank" and chars[-1] == " " and len(chars) == 6625
+    x, texts = ed.ppocr_rec_dataset(n=8, seed=1)
+    sess = make_session(str(path))
+    out = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    lines, char_acc = ed.text_accuracy(ed.ctc_greedy_texts(out, chars), texts)
+    assert lines >= 75 and char_acc >= 95  # the fp32 model reads the rendered Latin lines

@@ -8,6 +8,12 @@ Per selected Conv / Gemm / MatMul weight (float32, constant, used by that node a
   `group:<n>` output channels; or, `vector=row`, the kernel rows of a conv (Kw values each, the
   paper's row-stationary sharing) by weighted Lloyd from k-means++. With `--data` (`weighting=auto`)
   each weight's error is weighted by its input channel's second moment (see `allocate`).
+* **Rounding**: with `--data` (`compensate=auto`) scalar weights are rounded onto their codebook by
+  GPTQ (onnxcomp.linalg.gptq, Hessians in `hessian`): one input column at a time, each column's error
+  moved onto the columns not yet rounded along the inverse of the layer's input second moment E[x x^T].
+  On the PP-OCR recognizer at 4 bits with channel scales it reads 92% of rendered lines right where
+  nearest rounding reads 14% (fp32 94%); on the glyph models it cuts the output error 3.6-5.8x at 3 bits.
+  Without data every weight goes to its nearest centroid.
 * **Channel scales** (`scale=channel`): one codebook per tensor on the weights divided by their
   output channel's max |w|, multiplied back in the decode (one float per channel, where per-channel
   codebooks cost K floats per channel: on PP-OCR's 1x1 convs, 4-bit per-channel codebooks made the file
@@ -51,7 +57,7 @@ from onnxcomp.passes.base import (
     PassResult,
     option,
 )
-from onnxcomp.passes.codebook import allocate, decode
+from onnxcomp.passes.codebook import allocate, decode, hessian
 
 _OPS = ("Conv", "Gemm", "MatMul")
 
@@ -75,6 +81,10 @@ class CodebookConfig(PassConfig):
                        "linear | quantile (Lloyd from that seeding)", choices=("auto", *kmeans.INITS))
     weighting: str = option("auto", "auto: with --data, each weight's error weighted by its input channel's second "
                             "moment (Hessian diagonal) | hessian (needs --data) | none", choices=("auto", "hessian", "none"))
+    compensate: str = option("auto", "auto: gptq with --data, else none | gptq (needs --data): round each layer onto "
+                             "its codebook one input column at a time, moving each column's error onto the columns not "
+                             "yet rounded along the inverse input Hessian (GPTQ) | none: every weight to its nearest "
+                             "centroid", choices=("auto", "gptq", "none"))
     storage: str = option("auto", "index storage: auto (UINT4/UINT2 where the opset has them, else packed, 8 bits as "
                           "uint8) | native (convert the opset to 21/25 for 4/2-bit indices) | packed | uint8",
                           choices=("auto", "native", "packed", "uint8"))
@@ -104,6 +114,8 @@ class CodebookConfig(PassConfig):
             raise ValueError("vector=row clusters rows with one codebook per tensor: use granularity=tensor")
         if self.scale == "channel" and (self.granularity != "tensor" or self.vector == "row"):
             raise ValueError("scale=channel shares one scalar codebook per tensor: use granularity=tensor and vector=1")
+        if self.compensate == "gptq" and self.vector == "row":
+            raise ValueError("compensate=gptq rounds scalar weights: use vector=1")
         if self.min_params < 1 or self.samples < 1:
             raise ValueError("min_params and samples must be >= 1")
         if not 1 <= self.probe_bits <= 8:
@@ -138,6 +150,8 @@ class _Plan:
     out_axis: int = 0  # the weight's output-channel axis
     channel_scale: np.ndarray | None = None  # scale=channel: max |w| per output channel (float32, > 0)
     moments: np.ndarray | None = None  # E[x^2] per input channel (data-aware), None: unweighted
+    columns: hessian.ColumnLayout | None = None  # compensate=gptq: the weight as [G, R, D] input columns
+    hessian: np.ndarray | None = None  # compensate=gptq: E[x x^T] per group [G, D, D]
     summaries: list | None = None
     bits: float = 0
     k: int = 0
@@ -182,10 +196,10 @@ class _Plan:
         # a small floor: a weight on a dead channel still has to land somewhere sensible
         return np.broadcast_to((sens + 1e-6 * max(float(h.mean()), 1e-30)).astype(np.float32), shape)
 
-    def grouped(self) -> tuple[np.ndarray, np.ndarray | None]:
+    def grouped(self, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(values, weights) in the clustering layout: (G, L) groups (padded, pad weight 0) or (R, d)
-        kernel rows with one weight per row."""
-        w, sens = self.weight(), self.sensitivity()
+        kernel rows with one weight per row; of the layer's weight or of `weight` (its shape)."""
+        w, sens = (self.weight() if weight is None else weight), self.sensitivity()
         if self.channel_scale is not None:
             s = self.channel_scale.reshape(self.scale_shape())
             w = w / s  # the clustered values; each counts its scale squared in the real weight's error
@@ -215,6 +229,9 @@ class CodebookPass(Pass):
         weighted = cfg.weighting == "hessian" or (cfg.weighting == "auto" and ctx.data is not None)
         if cfg.weighting == "hessian" and ctx.data is None:
             raise BadInputError("codebook weighting=hessian needs calibration data: give --data")
+        if cfg.compensate == "gptq" and ctx.data is None:
+            raise BadInputError("codebook compensate=gptq needs calibration data: give --data")
+        compensate = cfg.compensate == "gptq" or (cfg.compensate == "auto" and ctx.data is not None and cfg.vector == "1")
         index = GraphIndex(model)
         layers: list[LayerRecord] = []
         plans: list[_Plan] = []
@@ -233,12 +250,13 @@ class CodebookPass(Pass):
         figures["weighting"] = "hessian diagonal on the calibration data" if weighted else "none (plain k-means)"
         for p in plans:
             self._group(p, cfg)
+        if compensate:  # before the allocation: its probes round as the rewrite will
+            self._hessians(model, plans, ctx, cfg, figures)
         if cfg.bits or cfg.k:
             for p in plans:
                 p.k = cfg.k or 2**cfg.bits
         else:
             self._allocate(model, plans, ctx, cfg, figures)
-
         opset = opset_version(model)
         out_model = model
         if cfg.storage == "native":
@@ -335,6 +353,48 @@ class CodebookPass(Pass):
         for p in plans:
             p.moments = moments.get(p.in_name)
 
+    def _hessians(self, model: onnx.ModelProto, plans: list[_Plan], ctx: Context, cfg: CodebookConfig,
+                  figures: dict) -> None:
+        layouts = {}
+        for p in plans:
+            lay = hessian.column_layout(p.index, p.node, p.shape)
+            if isinstance(lay, str):
+                p.figures["compensation"] = f"none: {lay}"
+            else:
+                layouts[p.name] = (p.in_name, lay)
+        h = hessian.input_hessians(model, layouts, ctx.data, cfg.samples, ctx.rng("codebook", "hessian"))
+        for p in plans:
+            if p.name in h:
+                p.columns, p.hessian = layouts[p.name][1], h[p.name]
+        figures["compensation"] = (f"gptq: {len(h)} of {len(plans)} layers rounded column by column on the input "
+                                   f"Hessian of {cfg.samples} samples")
+
+    def _compensated(self, p: _Plan, centroids: np.ndarray, record: bool = True) -> np.ndarray:
+        """The layer's weight rounded onto its codebook(s) by GPTQ (each entry a centroid, times the
+        channel scale under scale=channel), in the weight's shape; `record`: both output errors
+        (on the calibration Hessian) go in the layer's figures."""
+        from onnxcomp.linalg.gptq import compensated_rounding, output_error
+
+        lay = p.columns
+        w = lay.matrix(p.weight().astype(np.float64))
+        out_ch = lay.output_channel()
+        book = out_ch // p.layout.per_group if p.layout.per_group else np.zeros_like(out_ch)
+        cents = np.sort(np.asarray(centroids, np.float64), axis=1)[book]  # [G, R, K]
+        mids = 0.5 * (cents[..., 1:] + cents[..., :-1])
+        scale = (np.ones(out_ch.shape) if p.channel_scale is None
+                 else p.channel_scale.astype(np.float64)[out_ch])[..., None]  # [G, R, 1]
+
+        def nearest(v: np.ndarray) -> np.ndarray:
+            u = v / scale
+            idx = (u[..., None] > mids[:, :, None, :]).sum(axis=-1)
+            return np.take_along_axis(cents, idx.reshape(*idx.shape[:2], -1), axis=2).reshape(u.shape) * scale
+
+        q = compensated_rounding(w, p.hessian, nearest)
+        if record:
+            p.figures["output_error_nearest"] = round(output_error(w, nearest(w), p.hessian), 8)
+            p.figures["output_error_compensated"] = round(output_error(w, q, p.hessian), 8)
+        return lay.weight(q).astype(np.float32)
+
     def _group(self, p: _Plan, cfg: CodebookConfig) -> None:
         """The scalar summaries the DP runs on (small: kept for every layer; the weight is not)."""
         if p.layout.rows:
@@ -373,11 +433,14 @@ class CodebookPass(Pass):
             def probe_error(i: int) -> float:
                 p = plans[i]
                 cl = kmeans.fit_centroids(p.summaries, 2**pb, init=self._init(cfg, False), rng=ctx.rng("codebook", p.name))
+                if p.hessian is not None:  # rounded as the rewrite will round it
+                    return probe.error(_with_weight(model, p, self._compensated(p, cl.centroids, record=False)))
                 values, _ = p.grouped()
                 return probe.error(_with_weight(model, p, _decoded(p, cl.centroids, kmeans.assign(values, cl.centroids))))
 
             gains = allocate.measured_gains(probe_error, [errors[i][pb] for i in range(len(plans))])
-            figures["allocation"] = (f"measured: model output error with each layer alone at {pb} bits, "
+            how = " (gptq rounding)" if any(p.hessian is not None for p in plans) else ""
+            figures["allocation"] = (f"measured: model output error with each layer alone at {pb} bits{how}, "
                                      f"{cfg.samples} samples")
         else:
             gains = [1.0] * len(plans)
@@ -405,7 +468,9 @@ class CodebookPass(Pass):
             fit = kmeans.fit_centroids(p.summaries, p.k, init=init, rng=rng)
             # a histogram-summarised (big) tensor is labelled in float32: no float64 copy of it
             exact = all(sm.exact for sm in p.summaries)
-            labels, counts = kmeans.assign_counted(values, fit.centroids, exact=exact)
+            rounded = values if p.hessian is None else p.grouped(self._compensated(p, fit.centroids))[0]
+            labels, counts = kmeans.assign_counted(rounded, fit.centroids, exact=exact)
+            del rounded
             centroids, k, capped = fit.centroids, fit.k, fit.capped
             p.figures["clustering"] = fit.method + (" on a histogram" if not all(sm.exact for sm in p.summaries) else "")
         bits = decode.index_bits(k)
