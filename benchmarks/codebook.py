@@ -16,6 +16,7 @@ ratio; for the recognizer also the lines and characters read right against the r
 
     python benchmarks/codebook.py [--part zoo|accuracy|all] [--only vgg16,glyph_resnet] [--out benchmarks/out/codebook.md]
                                   [--configs REGEX --merge]   (re-measure some accuracy rows in place)
+                                  [--full]                    (the full test splits: 2480 glyphs, 600 cls, 200 rec, 32 det)
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def zoo_rows(names: list[str] | None) -> list[dict]:
     return rows
 
 
-def accuracy_rows(names: list[str] | None, configs: str = "") -> list[dict]:
+def accuracy_rows(names: list[str] | None, configs: str = "", full: bool = False) -> list[dict]:
     from table import load_cases, outputs_of, sizes, task_score, text_scores
 
     from onnxcomp.data import open_source
@@ -127,7 +128,7 @@ def accuracy_rows(names: list[str] | None, configs: str = "") -> list[dict]:
     from onnxcomp.pipeline import Pipeline
 
     rows = []
-    for case in load_cases(names, quick=True):
+    for case in load_cases(names, quick=not full):
         model = Pipeline.parse("normalize").run(load_model(case.path), Context())[0]
         inp = model.graph.input[0].name
         xc = case.calib[0]
@@ -201,12 +202,13 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated model names")
     ap.add_argument("--out", default=str(HERE / "out" / "codebook.md"))
     ap.add_argument("--configs", default="", help="accuracy part: only the configs whose label matches this regex")
+    ap.add_argument("--full", action="store_true", help="accuracy part: the full test splits (benchmarks/table.py's)")
     ap.add_argument("--merge", action="store_true",
                     help="replace the measured rows in --out's existing JSON (same model and config), keep the others")
     args = ap.parse_args()
     names = args.only.split(",") if args.only else None
     zoo = zoo_rows(names) if args.part in ("zoo", "all") else []
-    acc = accuracy_rows(names, args.configs) if args.part in ("accuracy", "all") else []
+    acc = accuracy_rows(names, args.configs, args.full) if args.part in ("accuracy", "all") else []
     old = Path(args.out).with_suffix(".json")
     if args.merge and old.is_file():
         before = json.loads(old.read_text())
