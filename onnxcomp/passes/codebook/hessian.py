@@ -22,7 +22,7 @@ from onnxcomp.graph import GraphIndex, attr, read_conv
 from onnxcomp.linalg.patches import conv_patches
 
 ROWS_PER_BATCH = 4096  # conv input patches sampled per calibration batch and layer
-MAX_COLUMNS = 6144  # input columns per group above which H (D^2 float64, 300 MB at the cap) is not built
+MAX_COLUMNS = 6144  # input columns per group above which H is not built (D^2 float32 kept: 150 MB at the cap)
 
 
 @dataclass(frozen=True)
@@ -99,14 +99,15 @@ def column_layout(index: GraphIndex, node: onnx.NodeProto, shape: tuple[int, ...
     else:
         lay = ColumnLayout(shape, 1, "matmul", transposed=True)
     if lay.columns > MAX_COLUMNS:
-        return f"{lay.columns} input columns > {MAX_COLUMNS} (its input Hessian would take {lay.columns**2 / 2**17:.0f} MB)"
+        return f"{lay.columns} input columns > {MAX_COLUMNS} (its input Hessian would take {lay.columns**2 / 2**18:.0f} MB)"
     return lay
 
 
 def input_hessians(model: onnx.ModelProto, layers: dict[str, tuple[str, ColumnLayout]], source, max_samples: int,
                    rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """E[x x^T] per group, [G, D, D] float64, for each layer name -> (input tensor, layout), over
-    about `max_samples` samples of `source` (conv patches sampled, ROWS_PER_BATCH per batch)."""
+    """E[x x^T] per group, [G, D, D] (summed in float64, kept in float32: every layer's is held until
+    the pass ends), for each layer name -> (input tensor, layout), over about `max_samples` samples of
+    `source` (conv patches sampled, ROWS_PER_BATCH per batch)."""
     from onnxcomp.runtime import run_batches
 
     if not layers:
@@ -124,4 +125,4 @@ def input_hessians(model: onnx.ModelProto, layers: dict[str, tuple[str, ColumnLa
         seen += len(values[names[0]]) if values[names[0]].ndim else 1
         if seen >= max_samples:
             break
-    return {k: v / max(counts[k], 1) for k, v in sums.items()}
+    return {k: (v / max(counts[k], 1)).astype(np.float32) for k, v in sums.items()}
