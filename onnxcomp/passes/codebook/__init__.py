@@ -470,6 +470,7 @@ class CodebookPass(Pass):
             # a histogram-summarised (big) tensor is labelled in float32: no float64 copy of it
             exact = all(sm.exact for sm in p.summaries)
             rounded = values if p.hessian is None else p.grouped(self._compensated(p, fit.centroids))[0]
+            p.hessian = None  # the layer's last use of it: the Hessians still held shrink as layers are written
             labels, counts = kmeans.assign_counted(rounded, fit.centroids, exact=exact)
             del rounded
             centroids, k, capped = fit.centroids, fit.k, fit.capped
