@@ -128,3 +128,12 @@ def test_data_but_no_layer_with_columns_rounds_plainly_without_a_crash():
     (rec,) = res.layers
     assert rec.action == REWRITTEN and rec.figures["compensation"].startswith("none: 1-D conv")
     assert "output_error_compensated" not in rec.figures
+
+
+def test_gptq_output_is_deterministic():
+    model = onnx.load(ROOT / "models" / "glyph_mobilenetv2.onnx")
+    outs = []
+    for _ in range(2):
+        ctx = Context(data=open_source(str(ROOT / "models" / "glyph_calib.npz"), model=model))
+        outs.append(get_pass("codebook")(bits=4, scale="channel").run(model, ctx).model.SerializeToString(deterministic=True))
+    assert outs[0] == outs[1]

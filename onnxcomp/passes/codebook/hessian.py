@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from onnxcomp.graph import GraphIndex, attr, read_conv
-from onnxcomp.linalg.patches import conv_patches
+from onnxcomp.linalg.patches import conv_patches, output_size
 
 ROWS_PER_BATCH = 4096  # conv input patches sampled per calibration batch and layer
 MAX_COLUMNS = 6144  # input columns per group above which H is not built (D^2 float32 kept: 150 MB at the cap)
@@ -68,8 +68,8 @@ class ColumnLayout:
         if self.kind == "conv":
             kernel, strides, dilations, pads = self.geometry
             n, _, h, w = x.shape
-            ho = (h + pads[0] + pads[2] - (kernel[0] - 1) * dilations[0] - 1) // strides[0] + 1
-            wo = (w + pads[1] + pads[3] - (kernel[1] - 1) * dilations[1] - 1) // strides[1] + 1
+            ho = output_size(h, kernel[0], strides[0], dilations[0], pads[0], pads[2])
+            wo = output_size(w, kernel[1], strides[1], dilations[1], pads[1], pads[3])
             total = n * ho * wo
             pick = np.sort(rng.choice(total, ROWS_PER_BATCH, replace=False)) if total > ROWS_PER_BATCH else np.arange(total)
             pos = np.stack(np.unravel_index(pick, (n, ho, wo)), axis=1)
