@@ -103,12 +103,14 @@ def outputs_of(model: onnx.ModelProto, x: np.ndarray, batch: int = 16) -> np.nda
     return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 
 
-def task_score(case: Case, model: onnx.ModelProto, reference: np.ndarray | None) -> float:
-    """The case's "acc %" (see Case.metric); `reference` is the original model's output on the test set."""
+def task_score(case: Case, model: onnx.ModelProto, reference: np.ndarray | None,
+               outputs: np.ndarray | None = None) -> float:
+    """The case's "acc %" (see Case.metric); `reference` is the original model's output on the test set,
+    `outputs` the model's own when the caller has them already (not run again)."""
     x, y = case.test
     if case.metric == "classify":
         return accuracy_of(model, x, y)
-    out = outputs_of(model, x)
+    out = outputs_of(model, x) if outputs is None else outputs
     if reference is None:
         return 100.0
     if case.metric == "sequence":

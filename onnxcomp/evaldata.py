@@ -567,7 +567,8 @@ def ppocr_det_dataset(n: int = 32, seed: int = 0, size: int = 320) -> np.ndarray
     return out
 
 
-def ctc_characters(model_path: str | Path) -> list[str]:
+@functools.lru_cache(maxsize=4)
+def ctc_characters(model_path: str | Path) -> tuple[str, ...]:
     """The character list of a PP-OCR recognizer, as rapidocr decodes with it: "blank" at index 0, the
     model's `character` metadata (one per line), and a space at the end."""
     import onnx
@@ -575,7 +576,7 @@ def ctc_characters(model_path: str | Path) -> list[str]:
     meta = {p.key: p.value for p in onnx.load(str(model_path), load_external_data=False).metadata_props}
     if "character" not in meta:
         raise BadInputError(f"{model_path}: no 'character' metadata (not a PP-OCR recognizer export)")
-    return ["blank", *meta["character"].splitlines(), " "]
+    return ("blank", *meta["character"].splitlines(), " ")  # read once per model (a tuple: cached, shared)
 
 
 def ctc_greedy_texts(scores: np.ndarray, characters: Sequence[str]) -> list[str]:

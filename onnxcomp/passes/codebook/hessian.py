@@ -49,8 +49,7 @@ class ColumnLayout:
 
     def output_channel(self) -> np.ndarray:
         """[G, R]: the output channel each matrix row is."""
-        g, r = self.groups, (self.shape[0] if self.kind == "conv" else self.matrix_rows) // self.groups
-        return np.arange(g * r).reshape(g, r)
+        return np.arange(self.matrix_rows).reshape(self.groups, -1)
 
     @property
     def matrix_rows(self) -> int:
