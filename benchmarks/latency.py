@@ -3,7 +3,7 @@ zoo's VGG-16 and ResNet-50, the bundled trained models and rapidocr's three PP-O
 resolution each is used at (batch 1). Profiles every model twice: cold (an empty latency cache)
 and warm (from the cache), and reports the seconds of each. Issue target: within 15%.
 
-    python benchmarks/latency.py [--threads 2] [--only vgg16,ppocr_rec] [--out benchmarks/out/latency.md]
+    python benchmarks/latency.py [--threads 2] [--only vgg16,ppocr_rec [--merge]] [--out benchmarks/out/latency.md]
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated model names")
+    ap.add_argument("--warm", type=int, default=3, help="warm profiles per model (the median error is reported)")
     ap.add_argument("--out", default=str(HERE / "out" / "latency.md"))
+    ap.add_argument("--merge", action="store_true", help="replace only the re-measured rows of --out's JSON")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnxcomp-bench-latency-") as tmp_name:
@@ -62,36 +64,55 @@ def main() -> int:
                 continue
             cache = tmp / f"cache-{name}"  # cold: nothing measured before
             cold = profile(path, shape, args.threads, cache)
-            warm = profile(path, shape, args.threads, cache)
-            rows.append({"model": name, "input": shape or "fixed", "layers": len(cold["layers"]),
+            # This VM has spells, seconds to minutes long, in which a 2-thread run of the same model takes
+            # 1.5x as long (PP-OCR rec 9.4 -> 15.4 ms, a whole process long, then back): the warm
+            # profile (cached layers, the whole model re-timed) is repeated and its median error kept.
+            warms = sorted((profile(path, shape, args.threads, cache) for _ in range(max(args.warm, 1))),
+                           key=lambda w: w["error"])
+            warm = warms[len(warms) // 2]
+            rows.append({"warm_errors": [w["error"] for w in warms], "model": name, "input": shape or "fixed", "layers": len(cold["layers"]),
                          "predicted_ms": warm["predicted_ms"], "measured_ms": warm["measured"]["ms"],
+                         "layout_ops": warm["layout"]["ops"], "layout_ms": warm["layout"]["ms"],
                          "error": warm["error"], "cold_error": cold["error"], "cold_s": cold["seconds"],
                          "warm_s": warm["seconds"], "from_cache": warm["units"]["cached"],
                          "analytic": warm["units"]["analytic"], "machine": cold["machine"]})
             r = rows[-1]
             print(f"{name:<18} predicted {r['predicted_ms']:9.3f} ms  measured {r['measured_ms']:9.3f} ms  "
-                  f"{r['error']:+6.1%} (cold run {r['cold_error']:+6.1%})  cold {r['cold_s']:5.1f} s  "
+                  f"{r['error']:+6.1%} (warm runs {' '.join(f'{e:+.1%}' for e in r['warm_errors'])}, cold run {r['cold_error']:+6.1%})  cold {r['cold_s']:5.1f} s  "
                   f"warm {r['warm_s']:5.1f} s", flush=True)
     if not rows:
         return 0
+    previous = Path(args.out).with_suffix(".json")
+    if args.merge and previous.is_file():
+        fresh = {r["model"]: r for r in rows}
+        old = json.loads(previous.read_text())
+        rows = [fresh.pop(r["model"], r) for r in old] + list(fresh.values())
     m = rows[0]["machine"]
     lines = [
         "# Cost model: sum of per-layer latencies vs the whole model (`python benchmarks/latency.py`)",
         "",
         f"{m['cpu']}, {', '.join(m['isa'])}, onnxruntime {m['onnxruntime']}, {args.threads} threads, batch 1. "
-        "Predicted: what each layer adds to a run under way (cost model: the layer twice in one model minus "
-        "once, from the cache on the warm run), summed, plus one session call. Measured: the whole model, "
-        "interleaved runs, p50. "
+        "Predicted: what each layer adds to a run under way (cost model: the layer repeated in one model (4 "
+        "copies up to 4 MB, 2 up to 64 MB) minus once, per copy, net of the NCHWc reorders onnxruntime wraps around it alone, from the cache on the warm run), "
+        "summed, plus one session call, plus the layout conversions onnxruntime keeps inside the model (named "
+        "by one profiled run, each timed like a layer: the layout column). Measured: the whole model, "
+        "interleaved runs, p50. Warm runs: the profile from the cache, repeated (this VM has spells in which "
+        "a model's 2-thread run takes 1.5x as long); the error column is their median. "
         "Seconds: the whole `onnxcomp profile` (model load, one capture run, layers, whole-model timing).",
         "",
-        "| model | input | layers | predicted ms | measured ms | error | error, cold run | profile cold s | from cache s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | input | layers | layout: conversions, ms | predicted ms | measured ms | error (median warm run) "
+        "| warm runs | error, cold run | profile cold s | from cache s |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['input']} | {r['layers']} | {r['predicted_ms']:.3f} | {r['measured_ms']:.3f} "
-                     f"| {r['error']:+.1%} | {r['cold_error']:+.1%} | {r['cold_s']:.1f} | {r['warm_s']:.1f} |")
+        lines.append(f"| {r['model']} | {r['input']} | {r['layers']} | {r['layout_ops']}, {r['layout_ms']:.3f} "
+                     f"| {r['predicted_ms']:.3f} | {r['measured_ms']:.3f} "
+                     f"| {r['error']:+.1%} | {' '.join(f'{e:+.1%}' for e in r['warm_errors'])} | {r['cold_error']:+.1%} | {r['cold_s']:.1f} | {r['warm_s']:.1f} |")
     worst = max(abs(r["error"]) for r in rows)
-    lines += ["", f"Worst error {worst:.1%} (target: within 15%)."]
+    worst_cold = max(rows, key=lambda r: abs(r["cold_error"]))
+    lines += ["", f"Worst error {worst:.1%} (target: within 15%). Worst cold run: {worst_cold['model']} "
+              f"{worst_cold['cold_error']:+.1%} (a cold run times the layers and the whole model in one process, "
+              "up to a minute apart: a spell of the VM between them shows there, and the warm runs re-time the model)."]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")

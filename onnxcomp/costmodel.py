@@ -44,8 +44,9 @@ from onnx import helper
 from onnxcomp.errors import BadInputError, OnnxcompError, first_line
 from onnxcomp.units import Unit, unit_for_nodes
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: float NCHWc reorders taken out (1 read them as float64 and counted 0); I/O-bound runs
 _DOUBLE_MAX_BYTES = 64 << 20  # units up to this size are also timed twice in one model (in_run_ms)
+_QUADRUPLE_MAX_BYTES = 4 << 20  # ... and up to this size four times
 # Default analytic coefficients (ms, ms per MMAC, ms per MB) when nothing on this machine was measured:
 # ~50 GMAC/s and ~10 GB/s, a modest 2-thread AVX2 core pair; `source` says they are defaults.
 _DEFAULT_COEF = (0.01, 0.02, 0.1)
@@ -125,14 +126,13 @@ class Estimate:
     runs: int = 0
     spread: float = 0.0  # (p90 - p10) / p50 of the runs
     reason: str | None = None
-    # Layout reorders onnxruntime put around the unit alone (not in `ms`). Inside a model, adding
-    # back the ones its optimised graph keeps made the sum of layers worse (PP-OCR cls: +53%
-    # instead of +0.2%; resnet50 unchanged): at small tensors they cost far less there than alone.
+    # Layout reorders onnxruntime put around the unit alone (not in `ms`). A model pays only the
+    # ones where a blocked layer meets one that is not (`CostModel.kept_layout_conversions`).
     reorder_in_ms: float = 0.0
     reorder_out_ms: float = 0.0
     wall_ms: float | None = None  # the unit's own p50, reorders included (None: same as ms)
     # What the unit adds to a run already under way, net of layout reorders (estimate(in_run=True)):
-    # its second copy in one model minus the model with one (Unit.doubled_model). None: not measured.
+    # per added copy, the unit repeated in one model minus once (Unit.repeated_model). None: not measured.
     in_run_ms: float | None = None
 
     @property
@@ -378,14 +378,15 @@ class CostModel:
                 # A large layer's run start is a small share of it (in_run_ms stays None: its time
                 # alone net of the call counts); doubling it would only double the memory.
                 if in_run and _doubled(u):
+                    copies = _copies(u)
                     try:
-                        twice = ort.InferenceSession(u.doubled_model().SerializeToString(),
+                        twice = ort.InferenceSession(u.repeated_model(copies).SerializeToString(),
                                                      sess_options=self.settings.session_options(),
                                                      providers=[self.settings.provider])
-                        f2 = u.doubled_feeds()
+                        f2 = u.repeated_feeds(copies)
                         outs2 = [o.name for o in twice.get_outputs()]
                         twice.run(outs2, f2)
-                        pair = (twice, f2, outs2)
+                        pair = (twice, f2, outs2, copies)
                     except Exception:  # noqa: BLE001 - onnxruntime's own error types: the unit alone still counts
                         pair = None
                 doubled.append(pair)
@@ -401,6 +402,7 @@ class CostModel:
                                    names + [d[2] for d in pairs], target_ms=self.target_ms, min_runs=self.min_runs,
                                    max_runs=self.max_runs)
                 second = iter(wall[n:])
+                copy_count = {k: d[3] for k, d in zip(live, doubled, strict=True) if d is not None}
                 wall, wall2 = wall[:n], [None if d is None else next(second) for d in doubled]
                 del sessions, doubled, pairs
                 costs = self._reorder_costs([r for group in reorders for r in group], in_run=in_run)
@@ -410,9 +412,9 @@ class CostModel:
                     r_in = sum(costs[r] for r in group if r[1] == "in")
                     r_out = sum(costs[r] for r in group if r[1] == "out")
                     added = None
-                    if w2 is not None:  # the second copy pays its own reorders, at their in-run cost
+                    if w2 is not None:  # each added copy pays its own reorders, at their in-run cost
                         r_run = sum(costs[(*r, "in_run")] for r in group)
-                        added = float(max(statistics.median(w2) - p50 - r_run, 0.0))
+                        added = float(max((statistics.median(w2) - p50) / (copy_count[k] - 1) - r_run, 0.0))
                     est = Estimate(float(max(p50 - r_in - r_out, 0.0)), "measured", len(w),
                                    float((p90 - p10) / p50) if p50 > 0 else 0.0, reorder_in_ms=r_in, reorder_out_ms=r_out,
                                    wall_ms=float(p50), in_run_ms=added)
@@ -426,6 +428,34 @@ class CostModel:
                             "macs": units[k].macs, "bytes": units[k].bytes, "ops": units[k].ops})
                         self._coef = None
         return [r for r in results if r is not None]
+
+    def kept_layout_conversions(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[tuple]:
+        """The layout conversions onnxruntime keeps inside `model` with these settings, one entry per
+        conversion of one run (as `_profiled_layout_ops`): NCHWc reorders where a blocked layer meets
+        one that is not, and the transposes it inserted (nodes not in the model). Units are timed net
+        of their own boundary conversions, so these are what a model pays on top of its layers
+        (PP-OCR's classifier: 59 a run, around its HardSwish and squeeze-excitation ops). [] when
+        the model cannot be profiled."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="onnxcomp-layout-") as tmp:
+            so = self.settings.session_options()
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(tmp, "model")
+            so.log_severity_level = 4
+            try:
+                sess = ort.InferenceSession(model.SerializeToString(), sess_options=so,
+                                            providers=[self.settings.provider])
+                sess.run(None, feeds)
+            except Exception:  # noqa: BLE001 - onnxruntime's own error types: nothing known to add
+                return []
+            own = {n.name for n in model.graph.node if n.name}
+            return _profiled_layout_ops(sess.end_profiling(), transposes=True, exclude=own)
+
+    def layout_costs(self, layout_ops: Sequence[tuple]) -> float:
+        """What `layout_ops` (as `kept_layout_conversions` gives) add to a run under way, in ms."""
+        costs = self._reorder_costs(layout_ops, in_run=True)
+        return float(sum(costs[(*r, "in_run")] for r in layout_ops))
 
     def _reorder_costs(self, layout_ops: Sequence[tuple], in_run: bool = False) -> dict:
         """Time net of the run overhead of each distinct (op, side, dtype, input shape, output shape)
@@ -469,13 +499,23 @@ def _permutation(shape_in: Sequence[int], shape_out: Sequence[int]) -> list[int]
 
 
 _LAYOUT_OPS = ("ReorderInput", "ReorderOutput")
+# onnxruntime's profile names element types by their C++ names: "float" is float32, which numpy's
+# np.dtype("float") would read as float64 (a float64 NCHWc reorder cannot be built, so every float
+# reorder was once timed as 0 and never taken out).
+_PROFILE_TYPES = {"float": onnx.TensorProto.FLOAT, "double": onnx.TensorProto.DOUBLE,
+                  "MLFloat16": onnx.TensorProto.FLOAT16, "BFloat16": onnx.TensorProto.BFLOAT16,
+                  "int8": onnx.TensorProto.INT8, "uint8": onnx.TensorProto.UINT8,
+                  "int16": onnx.TensorProto.INT16, "uint16": onnx.TensorProto.UINT16,
+                  "int32": onnx.TensorProto.INT32, "uint32": onnx.TensorProto.UINT32,
+                  "int64": onnx.TensorProto.INT64, "uint64": onnx.TensorProto.UINT64, "bool": onnx.TensorProto.BOOL}
 
 
-def _profiled_layout_ops(path: str, transposes: bool) -> list[tuple]:
+def _profiled_layout_ops(path: str, transposes: bool, exclude: set[str] | None = None) -> list[tuple]:
     """(op, side, element type, input shape, output shape) of every layout conversion of the first
     run in an onnxruntime profile file: NCHWc reorders, and (`transposes`: the unit has none of its
-    own) the Transposes onnxruntime inserted. `side` is "in" before the unit's first other kernel,
-    else "out". [] when the file says nothing."""
+    own) the Transposes onnxruntime inserted. Kernels of nodes named in `exclude` (a model's own
+    nodes) are not conversions. `side` is "in" before the unit's first other kernel, else "out".
+    [] when the file says nothing."""
     try:
         with open(path, encoding="utf-8") as fh:
             events = json.load(fh)
@@ -486,20 +526,21 @@ def _profiled_layout_ops(path: str, transposes: bool) -> list[tuple]:
     if not runs:
         return []
     begin, end = runs[0]
-    kernels = sorted((e["ts"], e.get("args", {})) for e in events
-                     if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")
-                     and begin <= e.get("ts", -1) <= end)
+    suffix = "_kernel_time"
+    kernels = sorted(((e["ts"], str(e["name"])[: -len(suffix)], e.get("args", {})) for e in events
+                      if e.get("cat") == "Node" and str(e.get("name", "")).endswith(suffix)
+                      and begin <= e.get("ts", -1) <= end), key=lambda k: k[0])
     layout = set(_LAYOUT_OPS) | ({"Transpose"} if transposes else set())
     out, side = [], "in"
-    for _, args in kernels:
+    for _, node, args in kernels:
         op = args.get("op_name")
-        if op not in layout:
+        if op not in layout or node in (exclude or ()) or (exclude is not None and not node):
             side = "out"
             continue
         try:
             (key_in, dims_in), = args["input_type_shape"][0].items()
             (_, dims_out), = args["output_type_shape"][0].items()
-            elem = helper.np_dtype_to_tensor_dtype(np.dtype(key_in))
+            elem = _PROFILE_TYPES[key_in]
         except (KeyError, IndexError, TypeError, ValueError):
             continue
         out.append((op, side, elem, tuple(int(d) for d in dims_in), tuple(int(d) for d in dims_out)))
@@ -507,9 +548,42 @@ def _profiled_layout_ops(path: str, transposes: bool) -> list[tuple]:
 
 
 def _doubled(unit: Unit) -> bool:
-    """Whether `estimate(in_run=True)` times `unit` twice in one model (in_run_ms); larger units keep
-    their time alone net of the call."""
+    """Whether `estimate(in_run=True)` times `unit` repeated in one model (in_run_ms); larger units
+    keep their time alone net of the call."""
     return unit.bytes <= _DOUBLE_MAX_BYTES
+
+
+def _copies(unit: Unit) -> int:
+    """How many copies of `unit` the in-run model holds. A small unit's in-run cost is a difference of
+    two noisy microsecond medians; spread over 4 copies the difference is 3x the signal: on the glyph
+    MobileNetV2 (34 layers of 2-10 us at 2 threads) two copies put the sum of layers anywhere in -14%
+    .. +16% of the model from one profile to the next."""
+    return 4 if unit.bytes <= _QUADRUPLE_MAX_BYTES else 2
+
+
+def _bound_runner(session: Any, names: list[str], feeds: dict) -> Any:
+    """A zero-argument call running `session` once on `feeds` through an I/O binding: inputs bound once,
+    each tensor output written into a buffer allocated once (its shape from one plain run). What is
+    timed is then onnxruntime's run, not Python's allocation and copy of the outputs (a 400 KB output
+    freshly allocated and copied cost a 1x1 conv at 32x32 about as much as its kernel)."""
+    binding = session.io_binding()
+    for k, v in feeds.items():
+        binding.bind_ortvalue_input(k, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)))
+    first = session.run(names, feeds)
+    keep = []
+    for name, value in zip(names, first, strict=True):
+        if isinstance(value, np.ndarray):
+            buf = ort.OrtValue.ortvalue_from_numpy(np.empty_like(value))
+            keep.append(buf)
+            binding.bind_ortvalue_output(name, buf)
+        else:
+            binding.bind_output(name)
+
+    def run() -> None:
+        session.run_with_iobinding(binding)
+
+    run.keep = keep  # type: ignore[attr-defined]  # the bound buffers live as long as the call
+    return run
 
 
 def _interleave(sessions: Sequence[Any], feeds: Sequence[dict], names: Sequence[list[str]], *, target_ms: float,
@@ -518,11 +592,12 @@ def _interleave(sessions: Sequence[Any], feeds: Sequence[dict], names: Sequence[
     every unit still owed a run runs once per iteration, the start rotating."""
     clock = time.perf_counter
     n = len(sessions)
+    runs = [_bound_runner(s, nm, f) for s, nm, f in zip(sessions, names, feeds, strict=True)]
     probe = []
     for k in range(n):  # warm-up and a first time per unit
-        sessions[k].run(names[k], feeds[k])
+        runs[k]()
         t0 = clock()
-        sessions[k].run(names[k], feeds[k])
+        runs[k]()
         probe.append(max((clock() - t0) * 1e3, 1e-3))
     want = [min(max(min_runs, math.ceil(target_ms / p)), max_runs) for p in probe]
     samples: list[list[float]] = [[] for _ in range(n)]
@@ -537,7 +612,7 @@ def _interleave(sessions: Sequence[Any], feeds: Sequence[dict], names: Sequence[
             for j in range(len(owed)):
                 k = owed[(it + j) % len(owed)]
                 t0 = clock()
-                sessions[k].run(names[k], feeds[k])
+                runs[k]()
                 samples[k].append((clock() - t0) * 1e3)
             it += 1
     return samples

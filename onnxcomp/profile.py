@@ -3,9 +3,11 @@
 `profile(model, feeds)` runs the model once (unoptimised, every intermediate tensor captured) to get
 each unit's real inputs, cuts it into units (onnxcomp.costmodel.split_units), estimates every unit,
 and times the whole model with the same settings. The prediction is the sum over units of what each
-adds to a run under way, plus one session call: per unit the smaller of its in-run cost
-(`Estimate.in_run_ms`: the unit twice in one model minus once) and its time alone net of one session
-call (the only one for a unit over 64 MB or one that cannot be doubled). Reads the model, never edits it.
+adds to a run under way, plus one session call, plus the layout conversions onnxruntime keeps inside
+the model: per unit its in-run cost (`Estimate.in_run_ms`: the unit twice in one model minus once), or
+for a unit over 64 MB or one that cannot be doubled its time alone net of one session call. Units are timed net of the NCHWc reorders onnxruntime wraps around each alone;
+the model pays the ones where a blocked layer meets one that is not (one profiled run names them, and
+each is timed like a unit). Reads the model, never edits it.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class Profile:
     units_measured: int
     units_cached: int
     units_analytic: int
+    layout_ms: float = 0.0  # the layout conversions onnxruntime keeps inside the model, in-run
+    layout_ops: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -64,6 +68,7 @@ class Profile:
     def as_dict(self) -> dict[str, Any]:
         return {"settings": self.settings, "machine": self.machine, "feeds": self.feeds,
                 "overhead_ms": round(self.overhead_ms, 5), "predicted_ms": round(self.predicted_ms, 4),
+                "layout": {"ops": self.layout_ops, "ms": round(self.layout_ms, 5)},
                 "measured": self.measured.as_dict(), "error": round(self.error, 4), "seconds": round(self.seconds, 2),
                 "units": {"measured": self.units_measured, "cached": self.units_cached,
                           "analytic": self.units_analytic},
@@ -106,14 +111,18 @@ def profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray], cost_model: Co
     overhead = cm.overhead_ms()
     layers = []
     for u, e in zip(units, estimates, strict=True):
-        # Both over-count a layer's share of a model run, each by its own artifact: alone net of one
-        # call, by the run's start (the first kernel, waking the pool: 10-55 us a small layer on an
-        # AMD EPYC VM); in-run, by its second copy's graph output handed to Python (about 1.5 us, a
-        # microsecond layer's whole cost). The smaller is the tighter bound.
+        # What the unit adds to a run under way (its second copy in one model), else (over 64 MB, or
+        # not doubled) its time alone net of one call. The smaller of the two, taken once as the
+        # tighter bound, summed 5-14% low on five models once runs were I/O-bound (both are noisy,
+        # and a minimum of noisy figures is biased low); the in-run figure alone came within 5%.
         alone = max(e.ms - overhead, 0.0)
-        net = alone if e.in_run_ms is None else min(e.in_run_ms, alone)
+        net = alone if e.in_run_ms is None else e.in_run_ms
         layers.append(LayerProfile(u.name, u.ops, e, net, u.macs, u.bytes))
-    predicted = overhead + sum(layer.net_ms for layer in layers)
+    if progress is not None:
+        progress.message("timing the layout conversions the model keeps")
+    kept = cm.kept_layout_conversions(model, feeds)
+    layout_ms = cm.layout_costs(kept) if kept else 0.0
+    predicted = overhead + sum(layer.net_ms for layer in layers) + layout_ms
     if progress is not None:
         progress.message("timing the whole model")
     measured = cm.time_models([model], feeds)[0]
@@ -122,7 +131,8 @@ def profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray], cost_model: Co
     if cm.cache is not None and cm.cache.ignored:
         notes.append(cm.cache.ignored)
     return Profile(layers, overhead, predicted, measured, cm.settings.as_dict(), machine(), shapes,
-                   time.perf_counter() - t0, cm.measured_units - before_m, cm.cached_units - before_c, analytic, notes)
+                   time.perf_counter() - t0, cm.measured_units - before_m, cm.cached_units - before_c, analytic,
+                   layout_ms, len(kept), notes)
 
 
 def plot(p: Profile, path: str, title: str = "", top: int = 25) -> None:

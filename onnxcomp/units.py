@@ -32,7 +32,7 @@ WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", 
 _STANDARD_DOMAINS = ("", "ai.onnx", "com.microsoft", "ai.onnx.ml")
 # Constants whose values are part of a unit's signature (shape tensors, pads, axes, scales).
 _VALUE_SIGNATURE_ELEMS = 64
-_COPY = "__copy2"  # suffix of the second copy's tensors in `Unit.doubled_model`
+_COPY = "__copy{}"  # suffix of the j-th copy's tensors (j >= 2) in `Unit.repeated_model`
 
 
 @dataclass
@@ -113,42 +113,46 @@ class Unit:
                               functions=self.functions or None)
         return runtime_compatible(m)
 
-    def doubled_model(self, seed: int = 0) -> onnx.ModelProto:
-        """The one-unit model with a second, independent copy of the unit after the first: its own
-        inputs (fed the same values, `doubled_feeds`), constants and outputs, so onnxruntime can
-        merge nothing between them. Its time minus the one-unit model's is what the unit adds to a
-        run already under way (the session call, the first kernel's start and its thread-pool wake-up
-        paid once)."""
+    def repeated_model(self, copies: int = 2, seed: int = 0) -> onnx.ModelProto:
+        """The one-unit model with `copies - 1` more independent copies of the unit after the first:
+        each its own inputs (fed the same values, `repeated_feeds`), constants and outputs, so
+        onnxruntime can merge nothing between them. Its time minus the one-unit model's, per added
+        copy, is what the unit adds to a run already under way (the session call, the first kernel's
+        start and its thread-pool wake-up paid once)."""
         m = self.model(seed)
         g = m.graph
-        renamed = {name: f"{name}{_COPY}" for name in self.inputs}
-        renamed.update({t.name: f"{t.name}{_COPY}" for t in g.initializer})
-        renamed.update({o: f"{o}{_COPY}" for n in g.node for o in n.output if o})
-        copies = []
-        for n in g.node:
-            c = onnx.NodeProto()
-            c.CopyFrom(n)
-            c.name = f"{n.name}{_COPY}" if n.name else ""
-            c.input[:] = [renamed.get(i, i) for i in n.input]
-            c.output[:] = [renamed.get(o, o) for o in n.output]
-            copies.append(c)
-        g.node.extend(copies)
-        for t in list(g.initializer):
-            c = onnx.TensorProto()
-            c.CopyFrom(t)
-            c.name = renamed[t.name]
-            g.initializer.append(c)
-        for vi in list(g.input):
-            c = onnx.ValueInfoProto()
-            c.CopyFrom(vi)
-            c.name = renamed.get(vi.name, vi.name)
-            g.input.append(c)
-        g.output.extend([onnx.ValueInfoProto(name=renamed[o]) for o in self.outputs])
+        nodes, inits, inputs = list(g.node), list(g.initializer), list(g.input)
+        for j in range(2, copies + 1):
+            suffix = _COPY.format(j)
+            renamed = {name: f"{name}{suffix}" for name in self.inputs}
+            renamed.update({t.name: f"{t.name}{suffix}" for t in inits})
+            renamed.update({o: f"{o}{suffix}" for n in nodes for o in n.output if o})
+            for n in nodes:
+                c = onnx.NodeProto()
+                c.CopyFrom(n)
+                c.name = f"{n.name}{suffix}" if n.name else ""
+                c.input[:] = [renamed.get(i, i) for i in n.input]
+                c.output[:] = [renamed.get(o, o) for o in n.output]
+                g.node.append(c)
+            for t in inits:
+                c = onnx.TensorProto()
+                c.CopyFrom(t)
+                c.name = renamed[t.name]
+                g.initializer.append(c)
+            for vi in inputs:
+                c = onnx.ValueInfoProto()
+                c.CopyFrom(vi)
+                c.name = renamed.get(vi.name, vi.name)
+                g.input.append(c)
+            g.output.extend([onnx.ValueInfoProto(name=renamed[o]) for o in self.outputs])
         return m
 
-    def doubled_feeds(self, seed: int = 0) -> dict[str, np.ndarray]:
+    def repeated_feeds(self, copies: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
         f = self.make_feeds(seed)
-        return {**f, **{f"{k}{_COPY}": v for k, v in f.items()}}
+        out = dict(f)
+        for j in range(2, copies + 1):
+            out.update({f"{k}{_COPY.format(j)}": v for k, v in f.items()})
+        return out
 
     def make_feeds(self, seed: int = 0) -> dict[str, np.ndarray]:
         if self.feeds is not None:
