@@ -114,6 +114,10 @@ def test_latency_budget_spends_measured_time():
     assert f["cost_model"]["layers"] and f["cost_model"]["model_ms_measured"] > 0
     rewritten = [r for r in res.layers if r.action == REWRITTEN]
     assert rewritten and all("timed" in r.figures["latency"] for r in rewritten)
+    for r in rewritten:  # every chosen rank pays measurably in time (the front in time, not MACs)
+        lat = r.figures["latency"]
+        assert lat["chosen_ms"] <= (1 - 0.05) * lat["layer_ms"] + 1e-9, lat
+        assert lat["run_start_ms"] >= 0 and lat["options_on_time_front"] >= 1
     from onnxcomp.errors import PipelineSyntaxError
 
     with pytest.raises(PipelineSyntaxError, match="latency:<fraction"):

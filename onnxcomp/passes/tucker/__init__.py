@@ -643,8 +643,9 @@ class TuckerPass(Pass):
                 raise BadInputError("tucker allocate=sensitivity needs calibration data: give --data")
             entries = self._sensitivity_weighted(model, usable, entries, target, ctx, cfg)
         figures["budget_allocation"] = mode
+        entries_before_timing = entries
         if kind == "latency":
-            entries, total, fixed = self._timed_entries(model, usable, entries, ctx, figures)
+            entries, total, fixed = self._timed_entries(model, usable, entries, ctx, figures, cfg)
         choice, achieved = dec.allocate_budget(entries, target * total, fixed)
         met = achieved <= target * total
         unit = "time" if kind == "latency" else "MACs"
@@ -671,25 +672,37 @@ class TuckerPass(Pass):
             k = slot[id(p.node)]
             j = choice[k]
             if j is None:
-                decided[i] = (f"budget: no rank on the round={cfg.round} grid cuts this layer's MACs by "
-                              f"min_gain={cfg.min_gain:g}" if not entries[k][1]
-                              else "budget met without this layer" if met
-                              else "budget: no option of this layer saves MACs")
+                if not entries[k][1] and kind == "latency" and entries_before_timing[k][1]:
+                    decided[i] = (f"budget: no rank runs min_speedup={cfg.min_speedup:g} of this layer's "
+                                  "time faster (measured)")
+                else:
+                    decided[i] = (f"budget: no rank on the round={cfg.round} grid cuts this layer's MACs by "
+                                  f"min_gain={cfg.min_gain:g}" if not entries[k][1]
+                                  else "budget met without this layer" if met
+                                  else f"budget: no option of this layer saves {unit}")
                 continue
             o = entries[k][1][j]
             p.ranks = (o.r_out, o.r_in)
             p.figures["ranks"] = {"output": o.r_out, "input": o.r_in}
+            if kind == "latency":
+                p.figures["latency"]["chosen_ms"] = round(o.macs, 5)  # the option's cost is its time here
             p.figures["error_estimate"] = round(o.error, 6)
             decided[i] = None
         return decided
 
-    def _timed_entries(self, model, usable, entries, ctx, figures):
+    def _timed_entries(self, model, usable, entries, ctx, figures, cfg):
         """budget=latency: each layer's options with their cost in measured ms instead of MACs.
 
         Per layer, the layer itself and up to `_TIMED` options spread over its front are timed
         alone, interleaved (onnxcomp.costmodel); an option in between gets the time interpolated
-        linearly in MACs between its measured neighbours. The model's own time is measured whole
-        with the same settings, and what the layers do not account for is fixed."""
+        linearly in MACs between its measured neighbours. Times are what each adds to a run under
+        way: a layer alone also pays a run's start (the call, its first kernel, waking the pool),
+        several times a small layer's own cost; the layer's in-run cost (Estimate.in_run_ms) says how
+        much, and its chains are charged the same start. Options are then kept on the front in time:
+        each must run at least `min_speedup` of the layer's time faster than every option with less
+        error (a cheaper rank that saves nothing measurable only adds error; without this, an out of
+        reach budget took every layer to its lowest rank for a few microseconds). The model's own
+        time is measured whole with the same settings, and what the layers do not account for is fixed."""
         import dataclasses
 
         from onnxcomp.data import random_source
@@ -704,18 +717,27 @@ class TuckerPass(Pass):
             est = cm.estimate(units)  # type: ignore[arg-type]
             for e in est:
                 sources[e.source] = sources.get(e.source, 0) + 1
-            base = est[0].ms
-            layout = est[0].total_ms - base  # the layer's boundary reorders: its chains pay the same
+            in_run = cm.estimate(units[:1], in_run=True)[0].in_run_ms  # type: ignore[arg-type]
+            start = max(est[0].ms - in_run, 0.0) if in_run is not None else cm.overhead_ms()
+            base = max(est[0].ms - start, 1e-6)
+            layout = est[0].total_ms - est[0].ms  # the layer's boundary reorders: its chains pay the same
             layer_ms += base
             xs = [p.cost.original] + [opts[j].macs for j in picks]
-            ys = [base] + [max(e.total_ms - layout, 1e-6) for e in est[1:]]
+            ys = [base] + [max(e.total_ms - layout - start, 1e-6) for e in est[1:]]
             order = np.argsort(xs)
             xs_sorted, ys_sorted = np.asarray(xs)[order], np.asarray(ys)[order]
             timed = [dataclasses.replace(o, macs=float(np.interp(o.macs, xs_sorted, ys_sorted))) for o in opts]
-            p.figures["latency"] = {"layer_ms": round(base, 5), "source": est[0].source,
+            front, last = [], base
+            for o in sorted(timed, key=lambda o: (o.error, o.macs)):
+                if o.macs <= last - cfg.min_speedup * base:
+                    front.append(o)
+                    last = o.macs
+            p.figures["latency"] = {"layer_ms": round(base, 5), "run_start_ms": round(start, 5),
+                                    "source": est[0].source,
                                     "timed": [{"ranks": {"output": opts[j].r_out, "input": opts[j].r_in},
-                                               "ms": round(y, 5)} for j, y in zip(picks, ys[1:], strict=True)]}
-            out.append((base, timed))
+                                               "ms": round(y, 5)} for j, y in zip(picks, ys[1:], strict=True)],
+                                    "options_on_time_front": len(front)}
+            out.append((base, front))
         shapes = ctx.input_shapes or None
         feeds = random_source(model, shapes, samples=1, batch_size=1, seed=ctx.seed).first_batch()[0]
         whole = cm.time_models([model], feeds, target_ms=600.0)[0].ms
