@@ -4,9 +4,10 @@
 each unit's real inputs, cuts it into units (onnxcomp.costmodel.split_units), estimates every unit,
 and times the whole model with the same settings. The prediction is the sum over units of what each
 adds to a run under way, plus one session call, plus the layout conversions onnxruntime keeps inside
-the model: per unit its in-run cost (`Estimate.in_run_ms`: the unit twice in one model minus once), or
-for a unit over 64 MB or one that cannot be doubled its time alone net of one session call. Units are timed net of the NCHWc reorders onnxruntime wraps around each alone;
-the model pays the ones where a blocked layer meets one that is not (one profiled run names them, and
+the model. Per unit that is its in-run cost (`Estimate.in_run_ms`: the unit repeated in one model,
+minus once, per copy), or for a unit over 64 MB or one that cannot be repeated its time alone net of
+one session call. Units are timed net of the NCHWc reorders onnxruntime wraps around each alone; the
+model pays the ones where a blocked layer meets one that is not (one profiled run names them, and
 each is timed like a unit). Reads the model, never edits it.
 """
 
@@ -111,8 +112,8 @@ def profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray], cost_model: Co
     overhead = cm.overhead_ms()
     layers = []
     for u, e in zip(units, estimates, strict=True):
-        # What the unit adds to a run under way (its second copy in one model), else (over 64 MB, or
-        # not doubled) its time alone net of one call. The smaller of the two, taken once as the
+        # What the unit adds to a run under way (its added copies in one model), else (over 64 MB, or
+        # not repeated) its time alone net of one call. The smaller of the two, taken once as the
         # tighter bound, summed 5-14% low on five models once runs were I/O-bound (both are noisy,
         # and a minimum of noisy figures is biased low); the in-run figure alone came within 5%.
         alone = max(e.ms - overhead, 0.0)
