@@ -1,6 +1,6 @@
 """The cost model against the clock: per-layer latency summed vs the whole model measured, on the
 zoo's VGG-16 and ResNet-50, the bundled trained models and rapidocr's three PP-OCR models, at the
-resolution each is used at (batch 1). Profiles every model twice: cold (an empty latency cache)
+resolution each is used at (batch 1), and the int8 QDQ forms of glyph_resnet and ppocr_cls. Profiles every model twice: cold (an empty latency cache)
 and warm (from the cache), and reports the seconds of each. Issue target: within 15%.
 
     python benchmarks/latency.py [--threads 2] [--only vgg16,ppocr_rec [--merge]] [--out benchmarks/out/latency.md]
@@ -36,7 +36,27 @@ def models(tmp: Path) -> list[tuple[str, Path, str | None]]:
     for path in ppocr_model_paths():
         kind = next(k for k in shapes if f"_{k}_" in path.name)
         out.append((f"ppocr_{kind}", path, shapes[kind]))
+    # int8 QDQ forms (what the default recipe ends in), calibrated on each model's calibration split.
+    for name, shape in (("glyph_resnet", None), ("ppocr_cls", shapes["cls"])):
+        src = next(p for n, p, _ in out if n == name)
+        out.append((f"{name}_int8", int8_form(name, src, tmp), shape))
     return out
+
+
+def int8_form(name: str, src: Path, tmp: Path) -> Path:
+    """`src` through `int8{objective=any}` (every layer int8) on its calibration split, unguarded."""
+    import numpy as np
+    import onnx
+
+    sys.path.insert(0, str(HERE))
+    from table import load_cases
+
+    case = load_cases([name], True)[0]
+    data, path = tmp / f"{name}_calib.npz", tmp / f"{name}_int8.onnx"
+    np.savez(data, **{onnx.load(str(src), load_external_data=False).graph.input[0].name: case.calib[0]})
+    subprocess.run([sys.executable, "-m", "onnxcomp", "optimize", str(src), "-o", str(path), "-p", "int8{objective=any}",
+                    "--data", str(data), "--no-guard", "-q"], check=True, capture_output=True)
+    return path
 
 
 def profile(path: Path, shape: str | None, threads: int, cache: Path) -> dict:

@@ -30,6 +30,7 @@ FUSABLE = frozenset({"BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid
 WEIGHTED = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "ConvInteger", "MatMulInteger", "QLinearConv",
                       "QLinearMatMul"})
 _STANDARD_DOMAINS = ("", "ai.onnx", "com.microsoft", "ai.onnx.ml")
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
 # Constants whose values are part of a unit's signature (shape tensors, pads, axes, scales).
 _VALUE_SIGNATURE_ELEMS = 64
 _COPY = "__copy{}"  # suffix of the j-th copy's tensors (j >= 2) in `Unit.repeated_model`
@@ -218,7 +219,10 @@ class UnitCutter:
         self.opsets = {(o.domain or ""): o.version for o in model.opset_import}
         self.local = {function_key(f): f for f in model.functions}
 
-    def cut(self, chain: Sequence[onnx.NodeProto], values: dict[str, np.ndarray], macs: dict[str, int] | None = None) -> Unit:
+    def cut(self, chain: Sequence[onnx.NodeProto], values: dict[str, np.ndarray], macs: dict[str, int] | None = None,
+            internal: set[str] | None = None) -> Unit:
+        """The unit of `chain`; its outputs are the tensors read outside it, except those in
+        `internal` (a DequantizeLinear's output the unit shares with other units: each has its own)."""
         from onnxcomp.graph import node_label
 
         produced = {o for c in chain for o in c.output if o}
@@ -264,7 +268,8 @@ class UnitCutter:
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in c.attribute):
                 problem = problem or f"{c.op_type} has subgraphs (control flow is not timed alone)"
         outs = [o for c in chain for o in c.output
-                if o and (o in self.graph_outputs or any(id(u) not in members for u in self.consumers.get(o, [])))]
+                if o and o not in (internal or ())
+                and (o in self.graph_outputs or any(id(u) not in members for u in self.consumers.get(o, [])))]
         if not outs:
             outs = [chain[-1].output[0]]
         funcs = list({function_key(c): self.local[function_key(c)] for c in chain if function_key(c) in self.local}.values())
@@ -280,13 +285,27 @@ class UnitCutter:
 def split_units(model: onnx.ModelProto, values: dict[str, np.ndarray], macs: dict[str, int] | None = None) -> list[Unit]:
     """Cut `model` into units in graph order: each weighted op with the sole-consumer chain of ops
     onnxruntime fuses into it, every other op alone; constant subgraphs go with the units that read
-    them. `values` holds the runtime tensors of one real run (unit inputs take their values and
-    shapes from it); a tensor missing from it makes its unit unbuildable, with the reason."""
+    them. In a QDQ model each op also takes the DequantizeLinear nodes of its activation inputs and
+    the QuantizeLinear its chain ends in (onnxruntime runs DQ -> op -> Q as one int8 kernel, such as
+    QLinearConv, and a Q -> DQ boundary costs nothing inside the model; timed as separate units, an
+    int8 glyph ResNet summed to 4.5x its time); a DQ shared by several ops goes with each, as
+    onnxruntime duplicates it. `values` holds the runtime tensors of one real run (unit inputs take
+    their values and shapes from it); a tensor missing from it makes its unit unbuildable, with the
+    reason."""
     cutter = UnitCutter(model)
+    producer = cutter.index.producer
     done: set[int] = set()
-    units: list[Unit] = []
+    chains: list[tuple[int, list[onnx.NodeProto]]] = []
+    position = {id(n): k for k, n in enumerate(model.graph.node)}
+
+    def activation_dq(name: str) -> onnx.NodeProto | None:
+        p = producer.get(name)
+        if p is None or p.op_type != "DequantizeLinear" or id(p) in cutter.const_nodes:
+            return None
+        return p
+
     for n in model.graph.node:
-        if id(n) in cutter.const_nodes or id(n) in done:
+        if id(n) in cutter.const_nodes or id(n) in done or n.op_type in _QDQ:
             continue
         chain = [n]
         if n.op_type in WEIGHTED:
@@ -297,8 +316,15 @@ def split_units(model: onnx.ModelProto, values: dict[str, np.ndarray], macs: dic
                         or id(users[0]) in done):
                     break
                 chain.append(users[0])
-        done.update(id(c) for c in chain)
-        units.append(cutter.cut(chain, values, macs or {}))
-    return units
-
-
+        out = chain[-1].output[0] if chain[-1].output else ""
+        users = cutter.consumers.get(out, [])
+        if len(users) == 1 and users[0].op_type == "QuantizeLinear" and out not in cutter.graph_outputs:
+            chain.append(users[0])
+        dqs = list({id(d): d for i in n.input if i and (d := activation_dq(i)) is not None}.values())
+        done.update(id(c) for c in [*dqs, *chain])
+        chains.append((position[id(n)], [*dqs, *chain], {o for d in dqs for o in d.output}))
+    for n in model.graph.node:  # Q and DQ nodes no op took: a unit each
+        if id(n) not in cutter.const_nodes and id(n) not in done and n.op_type in _QDQ:
+            chains.append((position[id(n)], [n], set()))
+    chains.sort(key=lambda c: c[0])
+    return [cutter.cut(chain, values, macs or {}, internal=shared) for _, chain, shared in chains]

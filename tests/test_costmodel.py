@@ -204,6 +204,35 @@ def test_profile_counts_the_layout_conversions_the_model_keeps(cache_dir):
     assert prof.as_dict()["layout"]["ops"] == len(kept)
 
 
+def test_units_of_a_qdq_model_hold_each_op_with_its_dq_inputs_and_q_output(cache_dir):
+    """onnxruntime runs DQ -> Conv -> Q as one int8 kernel: a unit holds the op with the
+    DequantizeLinear of its activation inputs and its QuantizeLinear, and still reproduces the
+    model's tensors; only the graph input's Q and the final DQ stay alone."""
+    from onnxcomp.data import random_source
+    from onnxcomp.passes.base import Context
+    from onnxcomp.pipeline import Pipeline
+
+    model = tiny_cnn(seed=3)
+    ctx = Context(data=random_source(model, {"x": [1, 3, 16, 16]}, samples=16, batch_size=4, seed=1))
+    qdq, _ = Pipeline.parse("int8{objective=any,samples=16}", normalize=False).run(model, ctx)
+    feeds = _feeds(qdq)
+    values = capture_values(qdq, feeds)
+    units = split_units(qdq, values)
+    convs = [u for u in units if any(n.op_type == "Conv" for n in u.nodes)]
+    assert len(convs) == 2
+    for u in convs:
+        ops = [n.op_type for n in u.nodes]
+        assert ops.count("DequantizeLinear") >= 2 and ops[-1] == "QuantizeLinear", ops  # weight and input DQ
+        got = ort.InferenceSession(u.model().SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, u.make_feeds())
+        for name, value in zip(u.outputs, got, strict=True):
+            assert np.array_equal(value, values[name]), name
+    alone = [u.ops for u in units if len(u.nodes) == 1 and u.nodes[0].op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert len(alone) <= 2, alone
+    prof = profile(qdq, feeds, CostModel(Settings(threads=1), cache=False, target_ms=20))
+    assert 0.5 < prof.predicted_ms / prof.measured.ms < 2, (prof.predicted_ms, prof.measured.ms)
+
+
 def test_a_unit_too_large_to_double_keeps_its_time_alone_and_is_read_from_the_cache(cache_dir):
     n = 4200  # a 70 MB weight: over the 64 MB up to which a unit is also timed twice in one model
     node = helper.make_node("MatMul", ["x", "w"], ["y"], name="big")
