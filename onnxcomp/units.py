@@ -295,7 +295,7 @@ def split_units(model: onnx.ModelProto, values: dict[str, np.ndarray], macs: dic
     cutter = UnitCutter(model)
     producer = cutter.index.producer
     done: set[int] = set()
-    chains: list[tuple[int, list[onnx.NodeProto]]] = []
+    chains: list[tuple[int, list[onnx.NodeProto], set[str]]] = []  # (graph position, nodes, shared DQ outputs)
     position = {id(n): k for k, n in enumerate(model.graph.node)}
 
     def activation_dq(name: str) -> onnx.NodeProto | None:
