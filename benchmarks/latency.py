@@ -14,32 +14,40 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 
-def models(tmp: Path) -> list[tuple[str, Path, str | None]]:
-    """(name, path, input shape) of every model the benchmark profiles."""
+def models(tmp: Path) -> list[tuple[str, Callable[[], Path], str | None]]:
+    """(name, a call that writes or finds the model's file, input shape) of every model the benchmark
+    profiles; only the selected ones are built (a zoo export or an int8 calibration takes seconds)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from _helpers import ppocr_model_paths
 
-    out: list[tuple[str, Path, str | None]] = []
-    for name in ("vgg16", "resnet50"):
-        path = tmp / f"{name}.onnx"
-        subprocess.run([sys.executable, "-m", "onnxcomp", "zoo", name, "-o", str(path)], check=True, capture_output=True)
-        out.append((name, path, "1,3,224,224"))
-    out.append(("glyph_resnet", ROOT / "models" / "glyph_resnet.onnx", None))
-    out.append(("glyph_mobilenetv2", ROOT / "models" / "glyph_mobilenetv2.onnx", None))
-    shapes = {"det": "1,3,320,320", "rec": "1,3,48,320", "cls": "1,3,48,192"}  # rapidocr's own sizes
+    def zoo(name: str) -> Callable[[], Path]:
+        def build() -> Path:
+            path = tmp / f"{name}.onnx"
+            subprocess.run([sys.executable, "-m", "onnxcomp", "zoo", name, "-o", str(path)], check=True,
+                           capture_output=True)
+            return path
+        return build
+
+    out: list[tuple[str, Callable[[], Path], str | None]] = [(n, zoo(n), "1,3,224,224") for n in ("vgg16", "resnet50")]
+    sources: dict[str, Path] = {"glyph_resnet": ROOT / "models" / "glyph_resnet.onnx",
+                                "glyph_mobilenetv2": ROOT / "models" / "glyph_mobilenetv2.onnx"}
+    shapes = {"glyph_resnet": None, "glyph_mobilenetv2": None}
+    ppocr_sizes = {"det": "1,3,320,320", "rec": "1,3,48,320", "cls": "1,3,48,192"}  # rapidocr's own sizes
     for path in ppocr_model_paths():
-        kind = next(k for k in shapes if f"_{k}_" in path.name)
-        out.append((f"ppocr_{kind}", path, shapes[kind]))
+        kind = next(k for k in ppocr_sizes if f"_{k}_" in path.name)
+        sources[f"ppocr_{kind}"], shapes[f"ppocr_{kind}"] = path, ppocr_sizes[kind]
+    out += [(n, (lambda p=p: p), shapes[n]) for n, p in sources.items()]
     # int8 QDQ forms (what the default recipe ends in), calibrated on each model's calibration split.
-    for name, shape in (("glyph_resnet", None), ("ppocr_cls", shapes["cls"])):
-        src = next(p for n, p, _ in out if n == name)
-        out.append((f"{name}_int8", int8_form(name, src, tmp), shape))
+    for name in ("glyph_resnet", "ppocr_cls"):
+        if name in sources:
+            out.append((f"{name}_int8", lambda n=name: int8_form(n, sources[n], tmp), shapes[name]))
     return out
 
 
@@ -79,9 +87,10 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="onnxcomp-bench-latency-") as tmp_name:
         tmp = Path(tmp_name)
-        for name, path, shape in models(tmp):
+        for name, make, shape in models(tmp):
             if args.only and name not in args.only.split(","):
                 continue
+            path = make()
             cache = tmp / f"cache-{name}"  # cold: nothing measured before
             cold = profile(path, shape, args.threads, cache)
             # This VM has spells, seconds to minutes long, in which a 2-thread run of the same model takes
