@@ -16,7 +16,12 @@ No guard: these are the pass's own choices; `onnxcomp optimize` would check them
 
 Part `models`: every zoo, onnx light_* and rapidocr model through the pass (benchmarks/out/trim_models.md).
 
-    python benchmarks/trim.py [--part tasks|models|all] [--only glyph_resnet,ppocr_cls] [--quick] [--out benchmarks/out/trim.md]
+Part `rounding` (benchmarks/out/trim_rounding.md): at each MAC target, kept counts rounded to the step
+measured on this machine (`round=latency`, the default) against fixed steps 16 and 8 and no rounding:
+the original and the trimmed models timed interleaved in one process (p50 ratios over several rounds),
+with MACs and task score.
+
+    python benchmarks/trim.py [--part tasks|models|rounding|all] [--only glyph_resnet,ppocr_cls] [--quick] [--out benchmarks/out/trim.md]
 """
 
 from __future__ import annotations
@@ -116,7 +121,8 @@ def run_case(case: Case, runs: int, rounds: int) -> list[dict]:
     for t in TARGETS:
         configs += [(f"locality target {t:g}", f"trim{{target={t}}}"),
                     (f"locality target {t:g}, border=interior", f"trim{{target={t},border=interior}}"),
-                    *([(f"locality target {t:g}, round=8", f"trim{{target={t},round=8}}")] if t == 0.3 else []),
+                    *([(f"locality target {t:g}, round=8", f"trim{{target={t},round=8}}"),
+                       (f"locality target {t:g}, round=16", f"trim{{target={t},round=16}}")] if t == 0.3 else []),
                     (f"output-error target {t:g}", f"trim{{target={t},metric=output}}"),
                     (f"L1 target {t:g}", f"trim{{target={t},criterion=l1}}")]
     for label, spec in configs + refit_rows:
@@ -135,6 +141,62 @@ def run_case(case: Case, runs: int, rounds: int) -> list[dict]:
               f"{row['latency_ratio']:.3f} / b8 {row['latency_ratio_b8']:.3f}  task {row['task']:.2f} (orig {base['task']:.2f})  ({seconds:.1f} s)",
               flush=True)
     return rows
+
+
+ROUNDINGS = ("latency", "16", "8", "1")
+
+
+def rounding_rows(case: Case, runs: int, rounds: int) -> list[dict]:
+    """Per MAC target: the same selection with kept counts rounded to the step measured here
+    (round=latency), to 16, to 8 and not at all, timed side by side with the original."""
+    from onnxcomp.data import open_source
+    from onnxcomp.model import load_model
+    from onnxcomp.passes.base import Context
+    from onnxcomp.pipeline import Pipeline
+    from onnxcomp.runtime import measure_latency
+
+    model = Pipeline.parse("normalize").run(load_model(case.path), Context())[0]
+    inp = model.graph.input[0].name
+    ref = outputs(model, case.test[0])
+    macs0 = conv_macs(model, case.shape)
+    rows = []
+    for t in TARGETS:
+        outs, secs, step = {}, {}, None
+        for rnd in ROUNDINGS:
+            ctx = Context(data=open_source({inp: case.calib}, model=model, batch_size=32),
+                          input_shapes={inp: case.shape})
+            t0 = time.perf_counter()
+            outs[rnd], rep = Pipeline.parse(f"trim{{target={t},round={rnd}}}", normalize=False).run(model, ctx)
+            secs[rnd] = time.perf_counter() - t0
+            if rnd == "latency":
+                step = rep.passes[-1].figures.get("rounding", {}).get("step")
+        for b in (1, 8):
+            lat = measure_latency([model, *outs.values()], {inp: case.test[0][:b]}, runs=runs, rounds=rounds,
+                                  names=["original", *(f"round={r}" for r in ROUNDINGS)])
+            for rnd, res in zip(ROUNDINGS, lat[1:], strict=True):
+                rows.append({"model": case.name, "target": t, "round": rnd if rnd != "latency" else f"latency (step {step})",
+                             "batch": b, "latency_ratio": res.ratio,
+                             "conv_macs_removed": 1 - conv_macs(outs[rnd], case.shape) / macs0,
+                             "task": score(case, outputs(outs[rnd], case.test[0]), ref), "seconds": secs[rnd]})
+        mine = rows[-2 * len(ROUNDINGS):-len(ROUNDINGS)]
+        print(f"{case.name:<18} target {t:g}: " + "  ".join(
+            f"round={r['round']} {r['latency_ratio']:.3f} (-{100 * r['conv_macs_removed']:.1f}%)" for r in mine), flush=True)
+    return rows
+
+
+def render_rounding(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| model | target | round | conv MACs removed | latency, batch 1 | latency, batch 8 | task score | pass s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["batch"] != 1:
+            continue
+        b8 = next(x for x in rows if x["batch"] == 8 and (x["model"], x["target"], x["round"]) == (r["model"], r["target"], r["round"]))
+        lines.append(f"| {r['model']} | {r['target']:g} | {r['round']} | {100 * r['conv_macs_removed']:.1f}% | "
+                     f"{r['latency_ratio']:.3f} | {b8['latency_ratio']:.3f} | {r['task']:.2f} | {r['seconds']:.1f} |")
+    lines += ["", "Latency: the trimmed model's p50 over the original's; the original and the four roundings interleaved "
+              "in one process (< 1 is faster). `round=latency` measures the step this machine's convs run channel "
+              "counts in (onnxcomp/passes/trim/latency.py; cached on disk after the first run)."]
+    return "\n".join(lines) + "\n"
 
 
 def model_rows() -> list[dict]:
@@ -209,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     from onnxcomp.costmodel import machine
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=("tasks", "models", "all"), default="all",
-                    help="tasks: the specialized-task table; models: every real model runs through trim")
+    ap.add_argument("--part", choices=("tasks", "models", "rounding", "all"), default="all",
+                    help="tasks: the specialized-task table; models: every real model runs through trim; "
+                         "rounding: round=latency against fixed steps")
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("--quick", action="store_true", help="smaller test sets and fewer timing runs")
     ap.add_argument("--out", default=str(HERE / "out" / "trim.md"))
@@ -233,6 +296,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"`python benchmarks/trim.py{' --quick' if args.quick else ''}` {where}")
         Path(args.out).write_text(render(rows, header))
         print(f"wrote {args.out}")
+    if args.part in ("rounding", "all"):
+        rows = []
+        for case in cases(names, args.quick):
+            rows.extend(rounding_rows(case, runs, rounds))
+        out = Path(args.out).with_name("trim_rounding.md")
+        out.write_text(render_rounding(rows, f"# trim: kept counts rounded to the measured step vs fixed steps\n\n"
+                                             f"`python benchmarks/trim.py --part rounding` {where}"))
+        print(f"wrote {out}")
     return 0
 
 

@@ -43,7 +43,12 @@ def dead_channel_cnn(dims=("N", 3, 12, 12)) -> onnx.ModelProto:
         w1[ch], b1[ch] = 0.0, v
     inits = {"w1": w1, "b1": b1, "w2": rng.standard_normal((16, 16, 3, 3)) * 0.2, "b2": rng.standard_normal(16) * 0.1,
              "wf": rng.standard_normal((10, 16)) * 0.5, "bf": np.zeros(10)}
-    nodes = [
+    return _model(_two_conv_nodes(), inits, dims)
+
+
+def _two_conv_nodes() -> list[onnx.NodeProto]:
+    """conv1 -> relu -> conv2 (3x3, pad 1) -> relu -> GAP -> flatten -> fc, on weights w1 b1 w2 b2 wf bf."""
+    return [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
         helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
@@ -52,7 +57,6 @@ def dead_channel_cnn(dims=("N", 3, 12, 12)) -> onnx.ModelProto:
         helper.make_node("Flatten", ["g"], ["f"], name="flat"),
         helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1),
     ]
-    return _model(nodes, inits, dims)
 
 
 def coupled_cnn() -> onnx.ModelProto:
@@ -236,6 +240,81 @@ def test_round_keeps_multiples_and_never_trims_a_channel_that_did_not_qualify():
     assert conv1.action != REWRITTEN and "round=8" in conv1.reason and r8.model is model
 
 
+class _FakeCosts:
+    """A cost model timing trim's probe convs by a rule of their channel count (in the unit's name)."""
+
+    measure_enabled = True
+
+    def __init__(self, rule):
+        self.rule = rule
+        self.asked: list[int] = []
+
+    def estimate(self, units):
+        from onnxcomp.costmodel import Estimate
+
+        kept = [int(u.name.rsplit(":", 1)[1]) for u in units]
+        self.asked += kept
+        return [Estimate(float(self.rule(k)), "measured") for k in kept]
+
+
+def _stairs(step):
+    return lambda c: (-(-c // step) * step) ** 2  # a count runs at the speed of the next multiple of step
+
+
+@pytest.mark.parametrize("step", [4, 8, 16, 32])
+def test_the_measured_step_is_the_width_of_the_stairs_the_machine_runs_counts_in(step):
+    from onnxcomp.passes.trim.latency import measured_step
+
+    found, figures = measured_step(_FakeCosts(_stairs(step)))
+    assert found == step and set(figures["probe_ms"]) == {"3x3@28", "1x1@56"}
+    # time follows every channel: 2 of 64 channels save too little to tell from noise (step 4); 1 when steep
+    assert measured_step(_FakeCosts(lambda c: c * c))[0] == 4 and measured_step(_FakeCosts(lambda c: c ** 4))[0] == 1
+
+
+def _wide_dead_cnn(channels: int, dead: int) -> onnx.ModelProto:
+    """conv1 (`channels`, the first `dead` of them dead) -> relu -> conv2 (16) -> relu -> GAP -> fc."""
+    rng = np.random.default_rng(0)
+    b1 = rng.standard_normal(channels) * 0.1
+    b1[:dead] = -100.0
+    inits = {"w1": rng.standard_normal((channels, 3, 3, 3)) * 0.3, "b1": b1,
+             "w2": rng.standard_normal((16, channels, 3, 3)) * 0.2, "b2": rng.standard_normal(16) * 0.1,
+             "wf": rng.standard_normal((10, 16)) * 0.5, "bf": np.zeros(10)}
+    return _model(_two_conv_nodes(), inits, ("N", 3, 12, 12))
+
+
+def test_round_latency_rounds_kept_counts_to_the_step_measured_here_and_falls_back_without_measuring():
+    from onnxcomp.costmodel import CostModel
+
+    model = _wide_dead_cnn(40, 20)  # 20 of 40 channels would be kept
+    x, src = _data(model)
+    assert _weight_shapes(TrimPass(threshold=0.0, round=1).run(model, Context(data=src)).model)["conv1"][0] == 20
+    for step, kept in ((4, 20), (8, 24), (16, 32)):
+        r = TrimPass(threshold=0.0).run(model, Context(data=src, cost_model=_FakeCosts(_stairs(step))))
+        shapes = _weight_shapes(r.model)
+        assert shapes["conv1"][0] == kept and shapes["conv2"][1] == kept, step
+        assert r.figures["rounding"]["round"] == "latency" and r.figures["rounding"]["step"] == step
+        np.testing.assert_allclose(_run(r.model, x), _run(model, x), rtol=1e-4, atol=1e-4)  # dead channels: exact
+    # no measuring (--no-measure): multiples of 16, said in the figures
+    off = TrimPass(threshold=0.0).run(model, Context(data=src, cost_model=CostModel(measure=False)))
+    assert _weight_shapes(off.model)["conv1"][0] == 32 and "measuring is off" in off.figures["rounding"]["note"]
+    # no channel qualifies: nothing to round, no probe timed
+    costs = _FakeCosts(_stairs(8))
+    none = TrimPass(threshold=0.0).run(_wide_dead_cnn(40, 0), Context(data=src, cost_model=costs))
+    assert none.figures["groups_trimmed"] == 0 and not costs.asked and "rounding" not in none.figures
+
+
+def test_dead_channels_are_trimmed_without_a_fold():
+    """A channel that is exactly 0 on the data (a ReLU that never fires) folds nothing: no Add after
+    its consumer (which would stop onnxruntime's conv fusions), no bias change."""
+    model = _wide_dead_cnn(40, 8)
+    x, src = _data(model)
+    r = TrimPass(threshold=0.0, round=1).run(model, Context(data=src))
+    conv2 = next(rec for rec in r.layers if rec.node == "conv2")
+    assert conv2.figures["fold"].startswith("none") and conv2.figures["in_channels_trimmed"] == 8
+    assert not any(n.op_type == "Add" for n in r.model.graph.node)
+    np.testing.assert_allclose(_run(r.model, x), _run(model, x), rtol=1e-5, atol=1e-5)
+
+
 def test_target_removes_about_the_requested_macs_and_l1_is_the_baseline():
     model = dead_channel_cnn()
     x, src = _data(model)
@@ -335,6 +414,12 @@ def test_cli_trim_on_the_trained_resnet_reports_per_layer(tmp_path, capsys):
                              if r["figures"].get("out_channels_trimmed"))
     onnx.checker.check_model(onnx.load(str(out)))
     assert rep["validation"]["passed"]
+    rounding = trim["figures"]["rounding"]  # round=latency, the default: the step measured on this machine
+    assert rounding["round"] == "latency" and rounding["step"] in (1, 4, 8, 16, 32) and "note" not in rounding
+    for r in rewritten:
+        f = r["figures"]
+        if f.get("out_channels_trimmed"):
+            assert (f["out_channels"] - f["out_channels_trimmed"]) % rounding["step"] == 0, r["node"]
 
 
 # 200-550 MB once normalize unfolds their weights (13 s and 6 s here): `benchmarks/trim.py --part models`

@@ -20,11 +20,12 @@ folded into the consumers' outputs (onnxcomp.passes.trim.rewrite). No back-propa
   outliers that `std` counts. A group's score is its worst channel's.
 * **How many**: `threshold=` (std / output: score <= threshold, default 0.01; share: share >=
   threshold, default 0.99), or `target=<fraction of the model's MACs to remove>`, most local groups first.
-  `max_per_layer`, `min_channels` and `round` bound each layer: kept output counts are multiples of
-  `round` (default 16) or unchanged. With a threshold a layer is rounded up (a channel that did not
-  qualify is never trimmed to round); under a target it is rounded to the nearer multiple, down by
-  trimming its next most local channels: onnxruntime's CPU kernels run counts that are multiples of 8
-  but not 16 markedly slower on AVX2 (benchmarks/trim.py, rows `round=8`).
+  `max_per_layer`, `min_channels` and `round` bound each layer: kept output counts are multiples of a
+  step or unchanged. `round=latency` (the default) measures the step on this machine
+  (onnxcomp.passes.trim.latency: onnxruntime's convs run a count at the speed of the next multiple of
+  their NCHWc block, 16 with AVX-512, 8 with AVX2); `round=<n>` fixes it. With a threshold a layer is
+  rounded up (a channel that did not qualify is never trimmed to round); under a target it is rounded
+  to the nearer multiple, down by trimming its next most local channels.
 * **Borders** (`border=exact`, the default): with static spatial dims a removed channel's zero-padded
   border is folded exactly, as a constant map added to the consumer's output; that Add stops
   onnxruntime's conv fusions (benchmarks/trim.py, rows `border=interior`).
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,7 +63,7 @@ from onnxcomp.passes.base import (
     PassResult,
     option,
 )
-from onnxcomp.passes.trim import locality, refit, rewrite
+from onnxcomp.passes.trim import latency, locality, refit, rewrite
 
 MIN_SAMPLES = 8  # fewer samples than this say nothing about a channel's spread
 REFIT_ROWS = 2048  # sample x position rows drawn per batch per refit layer
@@ -82,7 +84,9 @@ class TrimConfig(PassConfig):
                             "norm first (magnitude-pruning baseline; needs target)", choices=("locality", "l1"))
     max_per_layer: float = option(0.75, "a layer loses at most this fraction of its output channels")
     min_channels: int = option(4, "a layer keeps at least this many output channels")
-    round: int = option(16, "kept output channel counts are multiples of this (or unchanged); 1: off")
+    round: str = option("latency", "kept output channel counts are multiples of a step (or unchanged): latency (the "
+                        "step this machine's convs run in, measured by the cost model; 16 with --no-measure) | "
+                        "<n> | 1: off")
     border: str = option("exact", "exact: with static spatial dims a removed channel's zero-padded border is folded "
                          "exactly (a constant map added to the consumer's output) | interior: its mean value "
                          "goes into the bias (no extra Add, faster; the border is approximated)",
@@ -105,8 +109,10 @@ class TrimConfig(PassConfig):
             raise ValueError("criterion=l1 has no threshold: give target=<fraction of MACs>")
         if not 0 < self.max_per_layer <= 1:
             raise ValueError(f"max_per_layer={self.max_per_layer:g}: must be in (0, 1]")
-        if self.min_channels < 1 or self.round < 1:
-            raise ValueError("min_channels and round must be >= 1")
+        if self.min_channels < 1:
+            raise ValueError("min_channels must be >= 1")
+        if self.round != "latency" and not (self.round.isdigit() and int(self.round) >= 1):
+            raise ValueError(f"round={self.round}: 'latency' or a whole number >= 1")
         if self.samples < MIN_SAMPLES:
             raise ValueError(f"samples={self.samples}: the locality statistics need at least {MIN_SAMPLES}")
         if not self.tol > 0:
@@ -149,7 +155,8 @@ class TrimPass(Pass):
         layers = {c.node: c for c in layer_costs(model, ctx.input_shapes)}
         costs = {name: c.macs for name, c in layers.items()}
         self._score(cg, open_groups, locs, cfg)
-        chosen = self._choose(cg, open_groups, costs, cfg)
+        counts = self._counts(ctx, cfg)
+        chosen = self._choose(cg, open_groups, costs, cfg, counts)
         removed: dict[str, list[int]] = defaultdict(list)
         for g in chosen:
             for t, ch in g.group.slots:
@@ -168,6 +175,8 @@ class TrimPass(Pass):
         slot_score = {(t, ch): g.score for g in chosen for t, ch in g.group.slots}
         records = self._records(model, cg, groups, node_figs, removed, slot_score, held, cfg, layers)
         figures = self._figures(cg, groups, chosen, locs, cfg, costs, samples, records)
+        if counts.figures:  # the step was needed (a layer's count was rounded)
+            figures["rounding"] = counts.figures
         if held and cfg.criterion == "locality" and cfg.metric == "std" and not cfg.target:
             # the std score is what the threshold judged: a group above it on held-out samples was
             # constant enough on the calibration samples only (its fold is exact there, not beyond)
@@ -233,7 +242,25 @@ class TrimPass(Pass):
             vals = [float(per_slot[t][ch]) for t, ch in g.group.slots if t in per_slot]
             g.score = max(vals) if vals else np.inf
 
-    def _choose(self, cg: ChannelGraph, groups: list[_Group], costs: dict, cfg: TrimConfig) -> list[_Group]:
+    def _counts(self, ctx: Context, cfg: TrimConfig) -> _Counts:
+        """The step kept counts are rounded to: `round=<n>`, or measured on this machine (round=latency)."""
+        if cfg.round != "latency":
+            return _Counts(lambda: (int(cfg.round), {"round": int(cfg.round)}))
+
+        def measure() -> tuple[int, dict]:
+            cm = ctx.costs()
+            if not cm.measure_enabled:
+                return FALLBACK_ROUND, {"round": "latency", "step": FALLBACK_ROUND,
+                                        "note": f"measuring is off: multiples of {FALLBACK_ROUND}"}
+            step, figures = latency.measured_step(cm)
+            if step is None:
+                figures["note"] = f"multiples of {FALLBACK_ROUND}"
+            return step or FALLBACK_ROUND, {"round": "latency", "step": step or FALLBACK_ROUND, **figures}
+
+        return _Counts(measure)
+
+    def _choose(self, cg: ChannelGraph, groups: list[_Group], costs: dict, cfg: TrimConfig,
+                counts: _Counts) -> list[_Group]:
         """The groups to trim: the most local first, within the per-layer limits, then rounded."""
         order = sorted((g for g in groups if np.isfinite(g.score)), key=lambda g: (g.score, g.group.id))
         if cfg.target:
@@ -267,26 +294,27 @@ class TrimPass(Pass):
                 count.update(t for t, _ in g.group.slots)
                 chosen.append(g)
                 added = True
-            if cfg.target and cfg.round > 1:
-                self._round_down(cg, chosen, count, order, refused, cfg)
+            if cfg.target:
+                self._round_down(cg, chosen, count, order, refused, counts, cfg)
             before = {g.group.id for g in chosen}
-            chosen = self._round(cg, chosen, count, cfg)
+            chosen = self._round(cg, chosen, count, counts)
             refused |= before - {g.group.id for g in chosen}
             if not cfg.target or not added or ledger.removed(count) >= budget:
                 break
         return chosen
 
     def _round_down(self, cg: ChannelGraph, chosen: list[_Group], count: Counter, order: list[_Group],
-                    refused: set[int], cfg: TrimConfig) -> None:
-        """Under a MAC target, round a layer's kept count down when that is the nearer multiple of
-        `round`: trim its next most local groups (within the limits). `_round` then rounds the rest up."""
+                    refused: set[int], counts: _Counts, cfg: TrimConfig) -> None:
+        """Under a MAC target, round a layer's kept count down when an allowed count below is the
+        nearer one: trim its next most local groups (within the limits). `_round` then rounds the rest up."""
         taken = {g.group.id for g in chosen}
         for t in cg.sources:
             c = cg.channels[t]
-            if count[t] == 0 or not 0 < (c - count[t]) % cfg.round <= cfg.round // 2:
+            down = counts.down(c - count[t]) if count[t] else None
+            if down is None:
                 continue
             for g in order:
-                if (c - count[t]) % cfg.round == 0:
+                if c - count[t] <= down:
                     break
                 if (g.group.id in taken or g.group.id in refused or t not in g.group.tensors
                         or _misfit(cg, g, count, cfg)):
@@ -296,26 +324,23 @@ class TrimPass(Pass):
                 taken.add(g.group.id)
                 g.dropped = ""
 
-    def _round(self, cg: ChannelGraph, chosen: list[_Group], count: Counter, cfg: TrimConfig) -> list[_Group]:
-        """Untrim the least local groups of each layer until its kept count is a multiple of `round`."""
-        if cfg.round == 1:
-            return chosen
+    def _round(self, cg: ChannelGraph, chosen: list[_Group], count: Counter, counts: _Counts) -> list[_Group]:
+        """Untrim the least local groups of each layer until its kept count is an allowed one."""
         kept = list(chosen)
         changed = True
         while changed:
             changed = False
             for t in cg.sources:
                 c = cg.channels[t]
-                left = c - count[t]
-                if count[t] == 0 or left % cfg.round == 0:
+                if count[t] == 0 or counts.ok(c - count[t], c):
                     continue
                 mine = sorted((g for g in kept if t in g.group.tensors),
                               key=lambda g: (-g.score, -g.group.id))
                 for g in mine:
-                    if (c - count[t]) % cfg.round == 0:
+                    if counts.ok(c - count[t], c):
                         break
                     kept.remove(g)
-                    g.dropped = f"round={cfg.round} in {node_label(cg.sources[t])}"
+                    g.dropped = f"{counts.label} in {node_label(cg.sources[t])}"
                     count.subtract(Counter(tt for tt, _ in g.group.slots))
                     changed = True
         return kept
@@ -442,6 +467,38 @@ class TrimPass(Pass):
         if cfg.metric == "share":
             return f"no output channel qualifies: every share is below threshold={thr:g}", extra
         return f"no output channel qualifies: every locality score is above threshold={thr:g}", extra
+
+
+FALLBACK_ROUND = 16  # round=latency when the probes cannot be timed: AVX-512's NCHWc block
+
+
+class _Counts:
+    """The kept channel counts a layer may end at: multiples of a step, or the whole layer. The step
+    (and its figures) comes from `resolve`, called when a count is first rounded."""
+
+    def __init__(self, resolve: Callable[[], tuple[int, dict]]):
+        self._resolve = resolve
+        self._step: int | None = None
+        self.figures: dict = {}
+
+    @property
+    def step(self) -> int:
+        if self._step is None:
+            self._step, self.figures = self._resolve()
+        return self._step
+
+    @property
+    def label(self) -> str:
+        latency = self.figures.get("round") == "latency"
+        return f"round={self.figures.get('round')}" + (f" (multiples of {self.step} here)" if latency else "")
+
+    def ok(self, kept: int, c: int) -> bool:
+        return kept >= c or kept % self.step == 0
+
+    def down(self, kept: int) -> int | None:
+        """Under a MAC target, the multiple to round `kept` down to, when it is the nearer one."""
+        r = kept % self.step
+        return kept - r if 0 < r <= self.step // 2 else None
 
 
 class _MacLedger:

@@ -9,6 +9,7 @@ fold is a per-position map (static spatial dims), the exact map is kept as a con
 (so the file holds only W[:, R] and the fold map, not an [O, H, W] bias map per layer). With dynamic
 spatial dims the interior value goes into the bias and the report says the zero-padded border is
 approximated. Gemm / MatMul consumers take fold @ W[R, :] into their bias (an Add for MatMul).
+Channels whose fold is exactly 0 everywhere (a ReLU that never fired) add nothing: no bias change, no Add.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import onnx
 from onnx import helper
 
 from onnxcomp.channels import ChannelGraph, Lane, Sink, kept_indices, split_sizes
-from onnxcomp.graph import GraphEditor, attr, make_node, node_label, opset_version, read_conv
+from onnxcomp.graph import ConvLayer, GraphEditor, attr, make_node, node_label, opset_version, read_conv
 from onnxcomp.passes.trim.locality import Locality
 
 FOLD_BIAS = "bias"
@@ -28,6 +29,7 @@ FOLD_MAP = "exact border map (constant subgraph, folded at load)"
 FOLD_INTERIOR = "bias, interior value (dynamic spatial dims: the zero-padded border is approximated)"
 FOLD_INTERIOR_CHOSEN = "bias, mean value (border=interior: the zero-padded border is approximated)"
 FOLD_MEAN_CHOSEN = "bias, mean value (border=interior: the per-position fold map is approximated)"
+FOLD_ZERO = "none (every removed channel is exactly 0 there)"
 
 
 @dataclass
@@ -139,20 +141,13 @@ def _conv(ed: GraphEditor, cg: ChannelGraph, e: NodeEdit, keep, removed, localit
     out_nodes: list[onnx.NodeProto] = []
     y = node.output[0]
     if w_r is not None:
-        per_position = fold.ndim > 1
-        flat = fold.reshape(fold.shape[0], -1) if per_position else fold[:, None]
+        flat = fold.reshape(fold.shape[0], -1) if fold.ndim > 1 else fold[:, None]
         uniform = bool(np.all(np.ptp(flat, axis=1) <= 1e-7 * max(float(np.abs(flat).max()), 1e-30)))
-        unpadded = conv.auto_pad == "VALID" or (conv.pads is not None and not any(conv.pads))
-        if not per_position:  # dynamic dims: one value per channel
-            kind = FOLD_BIAS if unpadded else FOLD_INTERIOR
-        elif uniform and unpadded:  # the same value at every position and no border: exact in the bias
-            kind = FOLD_BIAS
-        elif not exact_border:
-            kind = FOLD_MEAN_CHOSEN if unpadded else FOLD_INTERIOR_CHOSEN
-        else:
-            kind = FOLD_MAP
+        kind = fold_kind(conv, fold, exact_border)
         e.figures["fold"] = kind
-        if kind != FOLD_MAP:
+        if kind == FOLD_ZERO:
+            pass
+        elif kind != FOLD_MAP:
             c = flat.mean(axis=1)
             contrib = w_r.reshape(w_r.shape[0], w_r.shape[1], -1).sum(axis=2) @ c
             b = contrib if b is None else b + contrib
@@ -172,6 +167,25 @@ def _conv(ed: GraphEditor, cg: ChannelGraph, e: NodeEdit, keep, removed, localit
         out_nodes = [*out_nodes, new, make_node("Add", [y, map_name], [node.output[0]], f"{name}/trim_fold")]
         return out_nodes
     return [new]
+
+
+def fold_kind(conv: ConvLayer, fold: np.ndarray, exact_border: bool) -> str:
+    """How removed input channels with fold values `fold` ([R] or [R, *spatial]) are folded into
+    `conv`: FOLD_MAP (an Add of a constant map after the conv, which stops onnxruntime's fusion of the
+    conv with what follows) or a bias change of one of the other kinds, or nothing (FOLD_ZERO)."""
+    per_position = fold.ndim > 1
+    flat = fold.reshape(fold.shape[0], -1) if per_position else fold[:, None]
+    uniform = bool(np.all(np.ptp(flat, axis=1) <= 1e-7 * max(float(np.abs(flat).max()), 1e-30)))
+    unpadded = conv.auto_pad == "VALID" or (conv.pads is not None and not any(conv.pads))
+    if not np.any(flat):  # dead channels (a ReLU that never fires): nothing to add, no map Add
+        return FOLD_ZERO
+    if not per_position:  # dynamic dims: one value per channel
+        return FOLD_BIAS if unpadded else FOLD_INTERIOR
+    if uniform and unpadded:  # the same value at every position and no border: exact in the bias
+        return FOLD_BIAS
+    if not exact_border:
+        return FOLD_MEAN_CHOSEN if unpadded else FOLD_INTERIOR_CHOSEN
+    return FOLD_MAP
 
 
 def _fold_map(ed: GraphEditor, conv, name: str, w_r: np.ndarray, fold: np.ndarray, uniform: bool,
@@ -212,11 +226,11 @@ def _dense(ed: GraphEditor, cg: ChannelGraph, e: NodeEdit, keep, removed, locali
         w_r = np.take(stored, rows_r, axis=in_axis).astype(np.float64)
         fold = loc.channel_fold(R).reshape(R.size, -1)
         fold = fold if fold.shape[1] == hw else np.repeat(fold.mean(axis=1, keepdims=True), hw, axis=1)
-        contrib = alpha * (fold.ravel() @ (w_r.T if trans_b else w_r))
+        contrib = alpha * (fold.ravel() @ (w_r.T if trans_b else w_r)) if np.any(fold) else None
         stored = np.take(stored, (kept_cols[:, None] * hw + np.arange(hw)[None, :]).ravel(), axis=in_axis)
         e.figures["in_channels"] = int(cg.channels[e.sink.tensor])
         e.figures["in_channels_trimmed"] = int(R.size)
-        e.figures["fold"] = FOLD_BIAS
+        e.figures["fold"] = FOLD_BIAS if contrib is not None else FOLD_ZERO
     out_features = stored.shape[1 - in_axis]
     if e.rows is not None:
         e.figures["out_channels"] = int(out_features)
