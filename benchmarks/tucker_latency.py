@@ -35,7 +35,8 @@ from onnxcomp.passes.base import Context  # noqa: E402
 from onnxcomp.pipeline import Pipeline  # noqa: E402
 
 MACS = (0.3, 0.5, 0.7)
-LATENCY = (0.4, 0.55, 0.7, 0.85)
+LATENCY = (0.4, 0.55, 0.7, 0.775, 0.85, 0.925)
+REPEATS = 3  # interleaved timings of the original and the candidate per config; the median ratio is kept
 COMMON = "method=response,refit=sequential"
 
 
@@ -67,26 +68,33 @@ def main() -> int:
             seconds = time.perf_counter() - t0
             pred = outputs_of(out, xt)
             feeds = {inp: xt[:1]}
-            base_t, cand_t = cm.time_models([model, out], feeds, target_ms=1500.0)
+            # This VM has spells in which a run takes up to 1.5x as long: the pair is timed REPEATS times
+            # (interleaved each time) and the median speed-up kept.
+            pairs = [cm.time_models([model, out], feeds, target_ms=1000.0) for _ in range(REPEATS)]
+            speedups = sorted(b.ms / c.ms for b, c in pairs)
+            base_t, cand_t = pairs[[b.ms / c.ms for b, c in pairs].index(speedups[len(speedups) // 2])]
             macs = total_macs(out, shapes)
             row = {"model": case.name, "config": label, "error": rel_l2(ref, pred),
                    "task": task_score(case, out, ref), "macs_ratio": macs / base_macs if base_macs and macs else None,
-                   "speedup": base_t.ms / cand_t.ms, "base_ms": base_t.ms, "ms": cand_t.ms,
+                   "speedup": base_t.ms / cand_t.ms, "speedups": speedups, "base_ms": base_t.ms, "ms": cand_t.ms,
                    "rewritten": report.passes[-1].rewritten, "seconds": seconds,
                    "predicted": report.passes[-1].figures.get("budget_achieved")}
             rows.append(row)
             print(f"{case.name:<18} {label:<20} err {row['error']:.4f}  task {row['task']:.2f}  "
-                  f"MACs {row['macs_ratio'] or 0:.3f}  speed-up {row['speedup']:.3f}  ({seconds:.0f} s)", flush=True)
+                  f"MACs {row['macs_ratio'] or 0:.3f}  speed-up {row['speedup']:.3f} ({' '.join(f'{v:.3f}' for v in speedups)})  "
+                  f"({seconds:.0f} s)", flush=True)
     if not rows:
         return 0
     lines = ["# Tucker: measured latency budget vs MAC-driven ranks (`python benchmarks/tucker_latency.py`)", "",
              f"Both with `{COMMON}`, calibrated on the calibration split, judged on held-out test data; speed-up "
-             "measured against the normalized original, interleaved, batch 1, 2 threads.", "",
-             "| model | config | rel. L2 error | task | MACs ratio | speed-up | layers rewritten |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             f"measured against the normalized original, interleaved, batch 1, 2 threads, the median of {REPEATS} "
+             "such timings (all three in the last column).", "",
+             "| model | config | rel. L2 error | task | MACs ratio | speed-up | layers rewritten | speed-ups timed |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['config']} | {r['error']:.4f} | {r['task']:.2f} | "
-                     f"{r['macs_ratio'] or 0:.3f} | {r['speedup']:.3f} | {r['rewritten']} |")
+                     f"{r['macs_ratio'] or 0:.3f} | {r['speedup']:.3f} | {r['rewritten']} | "
+                     f"{' '.join(f'{v:.3f}' for v in r.get('speedups', []))} |")
     lines += ["", "For each MAC-driven point, the fastest latency-budget point with no worse error:", "",
               "| model | rank=macs | its error | its speed-up | best budget=latency | error | speed-up | ratio |",
               "|---|---|---:|---:|---|---:|---:|---:|"]

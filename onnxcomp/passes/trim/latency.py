@@ -12,8 +12,8 @@ multiple of 32, 16, 8 and 4 below it; a step is *flat* when that count runs at t
 
 Timing each trimmed layer at its candidate counts instead (the part of the model a count changes,
 fold Adds and layout neighbours included) was tried and withdrawn: at the same MAC cut it ran 0-6%
-slower than multiples of 16 on every benchmark model here (benchmarks/trim.py --part rounding), its
-microsecond differences being noise next to the staircase.
+slower than multiples of 16 on every benchmark model here (an earlier form of benchmarks/trim.py
+--part rounding; DESIGN.md), its microsecond differences being noise next to the staircase.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from onnxcomp.units import Unit, unit_for_nodes
 
 STEPS = (32, 16, 8, 4)
 FULL = 64  # the probe's channel count; a multiple of every step
-PROBES = ((3, 28), (1, 56))
+PROBES = ((3, 28), (1, 56))  # (kernel, height = width) of the probe conv
 # A count inside the full count's stair runs at >= this share of its time (measured here 0.97-1.03 at
 # 52 vs 64 channels); one stair below it ran at 0.68-0.88 (48 vs 64), quadratic MACs 0.77 (56 vs 64).
-FLAT = 0.9  # (kernel, height = width) of the probe conv
+FLAT = 0.9
 _F = TensorProto.FLOAT
 _OPSET = 17
 
