@@ -111,6 +111,7 @@ class TrimConfig(PassConfig):
             raise ValueError(f"max_per_layer={self.max_per_layer:g}: must be in (0, 1]")
         if self.min_channels < 1:
             raise ValueError("min_channels must be >= 1")
+        self.round = str(self.round)  # a config built in Python may give a number
         if self.round != "latency" and not (self.round.isdigit() and int(self.round) >= 1):
             raise ValueError(f"round={self.round}: 'latency' or a whole number >= 1")
         if self.samples < MIN_SAMPLES:
