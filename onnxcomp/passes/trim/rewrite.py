@@ -145,14 +145,12 @@ def _conv(ed: GraphEditor, cg: ChannelGraph, e: NodeEdit, keep, removed, localit
         uniform = bool(np.all(np.ptp(flat, axis=1) <= 1e-7 * max(float(np.abs(flat).max()), 1e-30)))
         kind = fold_kind(conv, fold, exact_border)
         e.figures["fold"] = kind
-        if kind == FOLD_ZERO:
-            pass
-        elif kind != FOLD_MAP:
+        if kind == FOLD_MAP:
+            out_nodes, y = _fold_map(ed, conv, name, w_r, fold, uniform, opset), ed.unique_name(f"{name}/trim_pre")
+        elif kind != FOLD_ZERO:  # into the bias
             c = flat.mean(axis=1)
             contrib = w_r.reshape(w_r.shape[0], w_r.shape[1], -1).sum(axis=2) @ c
             b = contrib if b is None else b + contrib
-        else:
-            out_nodes, y = _fold_map(ed, conv, name, w_r, fold, uniform, opset), ed.unique_name(f"{name}/trim_pre")
     inputs[1] = ed.add_initializer(f"{name}/trim_weight", np.asarray(w, dtype=np.float32))
     inputs[2] = "" if b is None else ed.add_initializer(f"{name}/trim_bias", b.astype(np.float32))
     if not inputs[2]:
