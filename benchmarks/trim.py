@@ -170,33 +170,39 @@ def rounding_rows(case: Case, runs: int, rounds: int) -> list[dict]:
             secs[rnd] = time.perf_counter() - t0
             if rnd == "latency":
                 step = rep.passes[-1].figures.get("rounding", {}).get("step")
-        for b in (1, 8):
-            lat = measure_latency([model, *outs.values()], {inp: case.test[0][:b]}, runs=runs, rounds=rounds,
-                                  names=["original", *(f"round={r}" for r in ROUNDINGS)])
-            for rnd, res in zip(ROUNDINGS, lat[1:], strict=True):
-                rows.append({"model": case.name, "target": t, "round": rnd if rnd != "latency" else f"latency (step {step})",
-                             "batch": b, "latency_ratio": res.ratio,
-                             "conv_macs_removed": 1 - conv_macs(outs[rnd], case.shape) / macs0,
-                             "task": score(case, outputs(outs[rnd], case.test[0]), ref), "seconds": secs[rnd]})
-        mine = rows[-2 * len(ROUNDINGS):-len(ROUNDINGS)]
+        lat = {b: measure_latency([model, *outs.values()], {inp: case.test[0][:b]}, runs=runs, rounds=rounds,
+                                  names=["original", *(f"round={r}" for r in ROUNDINGS)])[1:] for b in (1, 8)}
+        for k, rnd in enumerate(ROUNDINGS):
+            rows.append({"model": case.name, "target": t, "round": rnd if rnd != "latency" else f"latency (step {step})",
+                         "latency_ratio": lat[1][k].ratio, "latency_ratio_b8": lat[8][k].ratio,
+                         "conv_macs_removed": 1 - conv_macs(outs[rnd], case.shape) / macs0,
+                         "task": score(case, outputs(outs[rnd], case.test[0]), ref), "seconds": secs[rnd]})
         print(f"{case.name:<18} target {t:g}: " + "  ".join(
-            f"round={r['round']} {r['latency_ratio']:.3f} (-{100 * r['conv_macs_removed']:.1f}%)" for r in mine), flush=True)
+            f"round={r['round']} {r['latency_ratio']:.3f} (-{100 * r['conv_macs_removed']:.1f}%)"
+            for r in rows[-len(ROUNDINGS):]), flush=True)
     return rows
 
 
+def _markdown(header: str, columns: list[str], cells: list[list[str]], notes: str) -> str:
+    """A report: the header, one markdown table, a note under it."""
+    lines = [header, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join([*lines, "", notes]) + "\n"
+
+
+def _task_cells(r: dict) -> list[str]:
+    """The columns every task table ends with: latency at batch 1 and 8, task score, pass seconds."""
+    return [f"{r['latency_ratio']:.3f}", f"{r['latency_ratio_b8']:.3f}", f"{r['task']:.2f}", f"{r['seconds']:.1f}"]
+
+
 def render_rounding(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| model | target | round | conv MACs removed | latency, batch 1 | latency, batch 8 | task score | pass s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["batch"] != 1:
-            continue
-        b8 = next(x for x in rows if x["batch"] == 8 and (x["model"], x["target"], x["round"]) == (r["model"], r["target"], r["round"]))
-        lines.append(f"| {r['model']} | {r['target']:g} | {r['round']} | {100 * r['conv_macs_removed']:.1f}% | "
-                     f"{r['latency_ratio']:.3f} | {b8['latency_ratio']:.3f} | {r['task']:.2f} | {r['seconds']:.1f} |")
-    lines += ["", "Latency: the trimmed model's p50 over the original's; the original and the four roundings interleaved "
-              "in one process (< 1 is faster). `round=latency` measures the step this machine's convs run channel "
-              "counts in (onnxcomp/passes/trim/latency.py; cached on disk after the first run)."]
-    return "\n".join(lines) + "\n"
+    return _markdown(header, ["model", "target", "round", "conv MACs removed", "latency, batch 1", "latency, batch 8",
+                              "task score", "pass s"],
+                     [[r["model"], f"{r['target']:g}", r["round"], f"{100 * r['conv_macs_removed']:.1f}%", *_task_cells(r)]
+                      for r in rows],
+                     "Latency: the trimmed model's p50 over the original's; the original and the four roundings "
+                     "interleaved in one process (< 1 is faster). `round=latency` measures the step this machine's convs "
+                     "run channel counts in (onnxcomp/passes/trim/latency.py; cached on disk after the first run).")
 
 
 def model_rows() -> list[dict]:
@@ -244,27 +250,22 @@ def model_rows() -> list[dict]:
 
 
 def render_models(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| model | layers rewritten | MACs removed | output shapes | channels blocked by (groups) | s |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['rewritten']}/{r['layers']} | {100 * (r['macs'] or 0):.1f}% | "
-                     f"{'same' if r['same_shapes'] else 'CHANGED'} | {r['blocked']} | {r['seconds']:.1f} |")
-    lines += ["", "normalize + `trim{target=0.2,samples=8}` on 8 random samples; every output passes onnx's checker and "
-              "loads in onnxruntime."]
-    return "\n".join(lines) + "\n"
+    return _markdown(header, ["model", "layers rewritten", "MACs removed", "output shapes",
+                              "channels blocked by (groups)", "s"],
+                     [[r["model"], f"{r['rewritten']}/{r['layers']}", f"{100 * (r['macs'] or 0):.1f}%",
+                       "same" if r["same_shapes"] else "CHANGED", r["blocked"], f"{r['seconds']:.1f}"] for r in rows],
+                     "normalize + `trim{target=0.2,samples=8}` on 8 random samples; every output passes onnx's checker "
+                     "and loads in onnxruntime.")
 
 
 def render(rows: list[dict], header: str) -> str:
-    lines = [header, "",
-             "| model | config | conv MACs removed | params | latency, batch 1 | latency, batch 8 | task score | pass s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['config']} | {100 * r['conv_macs_removed']:.1f}% | {r['params_ratio']:.2f}x "
-                     f"| {r['latency_ratio']:.3f} | {r['latency_ratio_b8']:.3f} | {r['task']:.2f} | {r['seconds']:.1f} |")
-    lines += ["", "Task score: top-1 % on the task's test labels (classify), or % of test lines whose CTC argmax "
-              "sequence equals the original model's (sequence). Latency: the trimmed model's p50 over the "
-              "original's, interleaved in one process (< 1 is faster)."]
-    return "\n".join(lines) + "\n"
+    return _markdown(header, ["model", "config", "conv MACs removed", "params", "latency, batch 1", "latency, batch 8",
+                              "task score", "pass s"],
+                     [[r["model"], r["config"], f"{100 * r['conv_macs_removed']:.1f}%", f"{r['params_ratio']:.2f}x",
+                       *_task_cells(r)] for r in rows],
+                     "Task score: top-1 % on the task's test labels (classify), or % of test lines whose CTC argmax "
+                     "sequence equals the original model's (sequence). Latency: the trimmed model's p50 over the "
+                     "original's, interleaved in one process (< 1 is faster).")
 
 
 def main(argv: list[str] | None = None) -> int:

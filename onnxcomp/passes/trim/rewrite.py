@@ -141,12 +141,12 @@ def _conv(ed: GraphEditor, cg: ChannelGraph, e: NodeEdit, keep, removed, localit
     out_nodes: list[onnx.NodeProto] = []
     y = node.output[0]
     if w_r is not None:
-        flat = fold.reshape(fold.shape[0], -1) if fold.ndim > 1 else fold[:, None]
-        uniform = bool(np.all(np.ptp(flat, axis=1) <= 1e-7 * max(float(np.abs(flat).max()), 1e-30)))
+        flat = _per_channel(fold)
         kind = fold_kind(conv, fold, exact_border)
         e.figures["fold"] = kind
         if kind == FOLD_MAP:
-            out_nodes, y = _fold_map(ed, conv, name, w_r, fold, uniform, opset), ed.unique_name(f"{name}/trim_pre")
+            out_nodes, y = (_fold_map(ed, conv, name, w_r, fold, _uniform(flat), opset),
+                            ed.unique_name(f"{name}/trim_pre"))
         elif kind != FOLD_ZERO:  # into the bias
             c = flat.mean(axis=1)
             contrib = w_r.reshape(w_r.shape[0], w_r.shape[1], -1).sum(axis=2) @ c
@@ -172,8 +172,8 @@ def fold_kind(conv: ConvLayer, fold: np.ndarray, exact_border: bool) -> str:
     `conv`: FOLD_MAP (an Add of a constant map after the conv, which stops onnxruntime's fusion of the
     conv with what follows) or a bias change of one of the other kinds, or nothing (FOLD_ZERO)."""
     per_position = fold.ndim > 1
-    flat = fold.reshape(fold.shape[0], -1) if per_position else fold[:, None]
-    uniform = bool(np.all(np.ptp(flat, axis=1) <= 1e-7 * max(float(np.abs(flat).max()), 1e-30)))
+    flat = _per_channel(fold)
+    uniform = _uniform(flat)
     unpadded = conv.auto_pad == "VALID" or (conv.pads is not None and not any(conv.pads))
     if not np.any(flat):  # dead channels (a ReLU that never fires): nothing to add, no map Add
         return FOLD_ZERO
@@ -184,6 +184,16 @@ def fold_kind(conv: ConvLayer, fold: np.ndarray, exact_border: bool) -> str:
     if not exact_border:
         return FOLD_MEAN_CHOSEN if unpadded else FOLD_INTERIOR_CHOSEN
     return FOLD_MAP
+
+
+def _per_channel(fold: np.ndarray) -> np.ndarray:
+    """Fold values as [R, positions] (one column when the fold is one value per channel)."""
+    return fold.reshape(fold.shape[0], -1) if fold.ndim > 1 else fold[:, None]
+
+
+def _uniform(flat: np.ndarray) -> bool:
+    """Each channel's fold the same at every position (within float round-off)."""
+    return bool(np.all(np.ptp(flat, axis=1) <= 1e-7 * max(float(np.abs(flat).max()), 1e-30)))
 
 
 def _fold_map(ed: GraphEditor, conv, name: str, w_r: np.ndarray, fold: np.ndarray, uniform: bool,
