@@ -104,7 +104,10 @@ def main() -> int:
                          "layout_ops": warm["layout"]["ops"], "layout_ms": warm["layout"]["ms"],
                          "error": warm["error"], "cold_error": cold["error"], "cold_s": cold["seconds"],
                          "warm_s": warm["seconds"], "from_cache": warm["units"]["cached"],
-                         "analytic": warm["units"]["analytic"], "machine": cold["machine"]})
+                         "analytic": warm["units"]["analytic"], "machine": cold["machine"],
+                         # the whole model timed before and after the layers, per profile (the faster counts)
+                         "readings": {"cold": cold.get("measured_readings"),
+                                      "warm": [w.get("measured_readings") for w in warms]}})
             r = rows[-1]
             print(f"{name:<18} predicted {r['predicted_ms']:9.3f} ms  measured {r['measured_ms']:9.3f} ms  "
                   f"{r['error']:+6.1%} (warm runs {' '.join(f'{e:+.1%}' for e in r['warm_errors'])}, cold run {r['cold_error']:+6.1%})  cold {r['cold_s']:5.1f} s  "

@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"... {len(rows) - len(shown)} more layers ({sum(r.net_ms for r in rows[len(shown):]):.3f} ms)")
     print(f"predicted {prof.predicted_ms:.3f} ms (what each of {len(rows)} layers adds to a run under way, plus "
           f"{prof.overhead_ms:.4f} ms for the session call and {prof.layout_ms:.4f} ms for the {prof.layout_ops} "
-          f"layout conversions onnxruntime keeps) vs measured {prof.measured.ms:.3f} ms: {prof.error:+.1%}")
+          f"layout conversions onnxruntime keeps) vs measured {prof.measured.ms:.3f} ms: {prof.error:+.1%} "
+          f"(the faster of {' and '.join(f'{r:.3f}' for r in prof.readings)} ms, timed before and after the layers)")
     print(f"layers measured {prof.units_measured}, from the cache {prof.units_cached}, analytic {prof.units_analytic}; "
           f"{prof.seconds:.1f} s")
     for note in prof.notes:

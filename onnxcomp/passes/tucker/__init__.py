@@ -712,11 +712,12 @@ class TuckerPass(Pass):
         time is measured whole with the same settings, and what the layers do not account for is fixed.
 
         The whole model is read (`timer`) before the sensitivity probes, `_WHOLE` times spread over
-        the layers' timing and at the end, and the fastest p50 is kept: on this VM a process falls for seconds at a time into a state in which a model
-        of many small ops runs up to 1.6x slower while its layers alone do not (PP-OCR rec: 8.2 ms,
-        then 12.8-13.1 ms over several new sessions, then 8.3 ms, in one process); a whole-model time
-        from such a spell against the layers' times inflated the fixed part until every budget took
-        every layer to its lowest rank. All the readings are in the figures."""
+        the layers' timing and at the end, and the fastest p50 is kept: on this VM a model of many
+        small ops runs up to 1.6x slower in spells of seconds to tens of seconds (machine-wide: they
+        carry across processes, and come in a quiet loop of fresh processes too) while its layers
+        alone do not (PP-OCR rec: 8.2 ms in fresh processes, 12.8-13.5 ms after the probes, then 8.3);
+        a whole-model time from such a spell against the layers' times inflated the fixed part until
+        every budget took every layer to its lowest rank. All the readings are in the figures."""
         import dataclasses
 
         cm = ctx.costs()
