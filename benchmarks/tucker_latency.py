@@ -9,7 +9,7 @@ against the original model (test data the pass never saw), the task figure, MACs
 measured speed-up (interleaved with the original in one process, p50). The comparison: for every
 MAC-driven point, the fastest latency-budget point with no worse error, and the ratio of speed-ups.
 
-    python benchmarks/tucker_latency.py [--only glyph_resnet,ppocr_cls] [--out benchmarks/out/tucker_latency.md]
+    python benchmarks/tucker_latency.py [--only glyph_resnet,ppocr_cls [--merge]] [--out benchmarks/out/tucker_latency.md]
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated model names")
     ap.add_argument("--out", default=str(HERE / "out" / "tucker_latency.md"))
+    ap.add_argument("--merge", action="store_true", help="replace only the re-measured models' rows of --out's JSON")
     args = ap.parse_args()
     names = args.only.split(",") if args.only else None
     cm = CostModel(target_ms=60.0)
@@ -85,6 +86,9 @@ def main() -> int:
                   f"({seconds:.0f} s)", flush=True)
     if not rows:
         return 0
+    previous = Path(args.out).with_suffix(".json")
+    if args.merge and previous.is_file():
+        rows = _merged(json.loads(previous.read_text()), rows)
     lines = ["# Tucker: measured latency budget vs MAC-driven ranks (`python benchmarks/tucker_latency.py`)", "",
              f"Both with `{COMMON}`, calibrated on the calibration split, judged on held-out test data; speed-up "
              f"measured against the normalized original, interleaved, batch 1, 2 threads, the median of {REPEATS} "
@@ -118,6 +122,19 @@ def main() -> int:
     Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
+
+
+def _merged(old: list[dict], fresh: list[dict]) -> list[dict]:
+    """`old` with every re-measured model's rows replaced by its `fresh` ones, in place; new models last."""
+    models = {r["model"] for r in fresh}
+    out, placed = [], set()
+    for r in old:
+        if r["model"] not in models:
+            out.append(r)
+        elif r["model"] not in placed:
+            out += [f for f in fresh if f["model"] == r["model"]]
+            placed.add(r["model"])
+    return out + [f for f in fresh if f["model"] not in placed]
 
 
 if __name__ == "__main__":
