@@ -99,10 +99,11 @@ def profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray], cost_model: Co
 
     The whole model is timed twice, before the layers and after, and the faster reading is `measured`
     (both are in `readings`): on an AMD EPYC VM a model of many small ops ran 1.3-1.6x slower in
-    machine-wide spells of seconds to tens of seconds (at any time; several came right after a cold
-    profile's hundreds of sessions) while its layers alone did not (PP-OCR rec 9.4 ms in a fresh process, 14.9 ms after its cold
-    profile; PP-OCR det 8.6 ms before its layers, 14.0 ms after); the slow reading made the layers'
-    sum look 26-37% low. A spell that covers both readings still shows as that run's error."""
+    machine-wide spells of seconds to minutes (at any time; several came right after a cold profile's
+    hundreds of sessions) while its layers alone did not (PP-OCR rec 9.4 ms in a fresh process,
+    14.9 ms after its cold profile; PP-OCR det 8.6 ms before its layers, 14.0 ms after), and the slow
+    reading made the layers' sum look 26-37% low. A spell covering both readings is still that
+    run's error."""
     from onnxcomp.analysis import layer_costs
 
     cm = cost_model or CostModel()

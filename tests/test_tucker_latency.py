@@ -132,9 +132,9 @@ def test_latency_budget_spends_measured_time():
 
 
 def test_latency_budget_reads_the_whole_model_in_its_fast_state(monkeypatch):
-    """A process on this VM falls for seconds into a state in which a whole model runs up to 1.6x
-    slower while its layers alone do not; one reading from such a spell made the fixed part look
-    large and took every layer to its lowest rank. The budget keeps the fastest of several readings."""
+    """This VM has spells of seconds to minutes in which a whole model runs up to 1.6x slower while
+    its layers alone do not; one reading from such a spell made the fixed part look large and took
+    every layer to its lowest rank. The budget keeps the fastest of several readings."""
     from onnxcomp.costmodel import CostModel
 
     real = CostModel.time_models
