@@ -389,7 +389,7 @@ class Pipeline:
                         result = PassResult(model=current, layers=[_restored(r) for r in result.layers],
                                             figures={"dropped_by_guard": True})
                     else:
-                        result = _mark_restored(repaired, repair, first_run=result)
+                        result = _mark_restored(repaired, repair, first_run=result, exclude=p.config.exclude)
                 check_dict = check.as_dict()
                 if check.passed and guard.max_latency_ratio is not None and result.modified:
                     ratio = guard.latency_ratio(result.model)
@@ -502,13 +502,16 @@ def _restored(record: LayerRecord, why: str = "the whole pass broke the toleranc
                                params_after=record.params_before, macs_after=record.macs_before, figures={})
 
 
-def _mark_restored(result: PassResult, repair: Any, first_run: PassResult) -> PassResult:
-    """The layers the guard put back say so, and the layers the pass skipped on its own keep their
-    first run's reason (neither names the exclude regex the guard re-ran the pass with)."""
+def _mark_restored(result: PassResult, repair: Any, first_run: PassResult, exclude: str | None = None) -> PassResult:
+    """The layers the guard put back say so, the layers the pass skipped on its own keep their
+    first run's reason, and a layer left out because it is tied to a put-back one (trimming's
+    channel groups) names that layer as put back: none names the exclude regex (`exclude`) the
+    guard re-ran the pass with, dozens of node names on PP-OCR det."""
     import dataclasses
 
     costs = {c.node: c.cost for c in repair.restored}
     before = {r.node: r for r in first_run.layers}
+    widened = f"matched by exclude={exclude}" if exclude else None
     layers = []
     for r in result.layers:
         if r.action == SKIPPED and r.node not in costs and r.node in before and before[r.node].action == SKIPPED:
@@ -517,6 +520,8 @@ def _mark_restored(result: PassResult, repair: Any, first_run: PassResult) -> Pa
             cost = costs[r.node]
             shown = f"adds {cost:+.3g} relative error at its output" if cost is not None else "cost not measurable"
             r = dataclasses.replace(r, reason=f"put back by the guard ({shown})")
+        elif r.action == SKIPPED and widened and widened in r.reason:
+            r = dataclasses.replace(r, reason=r.reason.replace(widened, "put back by the guard"))
         layers.append(r)
     return dataclasses.replace(result, layers=layers)
 

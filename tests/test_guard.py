@@ -478,3 +478,27 @@ def test_repair_keeps_the_users_own_exclude():
     assert reasons["conv1"].startswith("put back by the guard") and reasons["conv3"].startswith("put back by the guard")
     assert {r["node"] for r in p.layers if r["action"] == REWRITTEN} == {"conv2"}
     assert p.config["exclude"].startswith("(?:conv4)|")
+
+
+def test_a_layer_tied_to_a_put_back_one_names_it_not_the_guards_regex():
+    """Trimming skips a layer whose channel group touches an excluded one; after a repair that reason
+    quoted the guard's widened exclude regex (36 node names per line on PP-OCR det)."""
+    from onnxcomp.guard import LayerCost, Repair, exclude_regex
+    from onnxcomp.pipeline import _mark_restored
+
+    widened = exclude_regex("user_re", ["conv1", "conv3"])
+    first = PassResult(None, [LayerRecord(n, "Conv", REWRITTEN, "") for n in ("conv1", "conv2", "conv3")]
+                       + [LayerRecord("conv4", "Conv", SKIPPED, "matched by exclude=user_re")])
+    rerun = PassResult(None, [
+        LayerRecord("conv1", "Conv", SKIPPED, f"matched by exclude={widened}"),
+        LayerRecord("conv2", "Conv", SKIPPED, f"its output channels cannot be trimmed: touches conv3 "
+                                              f"(matched by exclude={widened})"),
+        LayerRecord("conv3", "Conv", SKIPPED, f"matched by exclude={widened}"),
+        LayerRecord("conv4", "Conv", SKIPPED, f"matched by exclude={widened}")])
+    repair = Repair(failed={}, restored=[LayerCost("conv1", 0.5, 0.5), LayerCost("conv3", None, None)])
+    reasons = {r.node: r.reason for r in _mark_restored(rerun, repair, first, exclude=widened).layers}
+    assert reasons == {
+        "conv1": "put back by the guard (adds +0.5 relative error at its output)",
+        "conv2": "its output channels cannot be trimmed: touches conv3 (put back by the guard)",
+        "conv3": "put back by the guard (cost not measurable)",
+        "conv4": "matched by exclude=user_re"}
