@@ -110,7 +110,8 @@ def profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray], cost_model: Co
     t0 = time.perf_counter()
     if progress is not None:
         progress.message("timing the whole model")
-    first = cm.time_models([model], feeds)[0]
+    whole = cm.model_timer([model], feeds)  # one session for both readings
+    first = whole.read()[0]
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     macs = {c.node: c.macs or 0 for c in layer_costs(model, shapes)}
     if progress is not None:
@@ -139,7 +140,8 @@ def profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray], cost_model: Co
     predicted = overhead + sum(layer.net_ms for layer in layers) + layout_ms
     if progress is not None:
         progress.message("timing the whole model again")
-    last = cm.time_models([model], feeds)[0]
+    last = whole.read()[0]
+    del whole
     measured = min(first, last, key=lambda e: e.ms)
     analytic = sum(1 for e in estimates if e.source == "analytic")
     notes = []

@@ -135,21 +135,30 @@ def test_latency_budget_reads_the_whole_model_in_its_fast_state(monkeypatch):
     """This VM has spells of seconds to minutes in which a whole model runs up to 1.6x slower while
     its layers alone do not; one reading from such a spell made the fixed part look large and took
     every layer to its lowest rank. The budget keeps the fastest of several readings."""
-    from onnxcomp.costmodel import CostModel
+    from onnxcomp.costmodel import ModelTimer
 
-    real = CostModel.time_models
+    real = ModelTimer.read
     seen: list[float] = []
 
-    def spell_but_once(self, models, feeds, **kw):  # the second reading fast, every other one in a spell
-        out = real(self, models, feeds, **kw)
+    def spell_but_once(self, *args, **kw):  # the second reading fast, every other one in a spell
+        out = real(self, *args, **kw)
         slow = [dataclasses.replace(e, ms=e.ms * (1.0 if len(seen) == 1 else 1.6)) for e in out]
         seen.extend(e.ms for e in slow)
         return slow
 
-    monkeypatch.setattr(CostModel, "time_models", spell_but_once)
+    built: list[int] = []
+    real_init = ModelTimer.__init__
+
+    def counted(self, *args, **kw):
+        built.append(1)
+        real_init(self, *args, **kw)
+
+    monkeypatch.setattr(ModelTimer, "read", spell_but_once)
+    monkeypatch.setattr(ModelTimer, "__init__", counted)
     f = Tucker(budget="latency:0.6", round=16, allocate="energy").run(_three_convs(), Context()).figures
     readings = f["cost_model"]["model_ms_readings"]
     assert len(readings) >= 3 and readings == [round(v, 4) for v in seen]
     assert f["cost_model"]["model_ms_measured"] == min(readings) == readings[1]
     assert f["model_ms_before"] == pytest.approx(max(readings[1], f["cost_model"]["layers_ms"]), abs=1e-3)
     assert f["budget_met"] is True
+    assert len(built) == 1  # one session for every reading (vgg16 would be loaded six times)

@@ -103,6 +103,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -134,6 +135,9 @@ from onnxcomp.passes.base import (
     option,
 )
 from onnxcomp.passes.tucker import latency
+
+if TYPE_CHECKING:
+    from onnxcomp.costmodel import ModelTimer
 
 # refit=on holds out every _HOLDOUT-th calibration sample (the 2nd, 6th, ...) to check the fit.
 _HOLDOUT = 4
@@ -755,6 +759,7 @@ class TuckerPass(Pass):
                                     "options_on_time_front": len(front)}
             out.append((base, front))
         timer.read()
+        timer.close()
         whole = min(timer.readings)
         total = max(whole, layer_ms)
         figures["cost_model"] = {"layers": sources, "model_ms_measured": round(whole, 4),
@@ -1108,18 +1113,22 @@ class TuckerPass(Pass):
 
 
 class _WholeModelTimer:
-    """The whole model timed with the cost model's settings on one random batch, `_WHOLE_MS` per reading."""
+    """The whole model timed with the cost model's settings on one random batch, `_WHOLE_MS` per
+    reading, its session built once (`close` frees it)."""
 
     def __init__(self, model: onnx.ModelProto, ctx: Context):
         from onnxcomp.data import random_source
 
-        self.model, self.cm = model, ctx.costs()
-        shapes = ctx.input_shapes or None
-        self.feeds = random_source(model, shapes, samples=1, batch_size=1, seed=ctx.seed).first_batch()[0]
+        feeds = random_source(model, ctx.input_shapes or None, samples=1, batch_size=1, seed=ctx.seed).first_batch()[0]
+        self.timer: ModelTimer | None = ctx.costs().model_timer([model], feeds)
         self.readings: list[float] = []
 
     def read(self) -> None:
-        self.readings.append(self.cm.time_models([self.model], self.feeds, target_ms=_WHOLE_MS)[0].ms)
+        assert self.timer is not None, "read after close"
+        self.readings.append(self.timer.read(_WHOLE_MS)[0].ms)
+
+    def close(self) -> None:
+        self.timer = None
 
 
 def _cost_model_summary(plans: list[_Plan]) -> dict:
