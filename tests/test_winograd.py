@@ -150,18 +150,22 @@ def _rel_err(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
+@pytest.mark.parametrize("products", ["matmul", "grouped"])
 @pytest.mark.parametrize(("tile", "tol"), [("2", 1e-5), ("4", 1e-4), ("6", 1e-3)])
 @pytest.mark.parametrize("case", [
     {"pads": (1, 1, 1, 1)}, {"pads": (0, 0, 0, 0)}, {"pads": (2, 0, 1, 3)}, {"auto_pad": "SAME_UPPER"},
     {"auto_pad": "VALID"}, {"bias": False}, {"hw": (8, 8)}, {"hw": (3, 5), "pads": (0, 1, 0, 1)},
 ])
-def test_rewrite_matches_the_conv(tile, tol, case):
+def test_rewrite_matches_the_conv(tile, tol, case, products):
     model = _conv_model(**case)
-    res = _winograd(model, tile=tile)
+    res = _winograd(model, tile=tile, products=products)
     (rec,) = res.layers
     assert rec.action == REWRITTEN, rec.reason
     onnx.checker.check_model(res.model, full_check=True)
     assert [n.op_type for n in res.model.graph.node] == [fn.OP]
+    (body,) = res.model.functions
+    assert ("Conv" if products == "grouped" else "MatMul") in [n.op_type for n in body.node]
+    assert body.overload.endswith("grouped") == (products == "grouped") == (rec.figures["products"] == "grouped conv")
     feeds = _feeds(model)
     ref, got = ort_run(model, feeds)["y"], ort_run(res.model, feeds)["y"]
     assert got.shape == ref.shape
@@ -194,17 +198,19 @@ def test_ineligible_layers_are_skipped_untouched(case, reason):
     assert res.model.SerializeToString() == model.SerializeToString()
 
 
-def test_dynamic_batch_runs_at_any_batch():
+@pytest.mark.parametrize("products", ["matmul", "grouped"])
+def test_dynamic_batch_runs_at_any_batch(products):
     model = _conv_model(hw=(9, 9))
-    res = _winograd(model, tile="4")
+    res = _winograd(model, tile="4", products=products)
     for batch in (1, 4):
         feeds = _feeds(model, batch=batch)
         assert _rel_err(ort_run(res.model, feeds)["y"], ort_run(model, feeds)["y"]) <= 1e-4
 
 
-def test_macs_reported_match_the_inlined_body():
+@pytest.mark.parametrize("products", ["matmul", "grouped"])
+def test_macs_reported_match_the_inlined_body(products):
     model = _conv_model(hw=(16, 12), cin=8, cout=16)
-    res = _winograd(model, tile="4")
+    res = _winograd(model, tile="4", products=products)
     (cost,) = layer_costs(res.model)
     assert cost.macs == res.layers[0].macs_after
     (orig,) = layer_costs(model)
@@ -218,12 +224,35 @@ def test_latency_objective_keeps_slow_layers_direct_with_both_figures():
     (rec,) = res.layers
     assert rec.action == SKIPPED and "direct is faster" in rec.reason
     lat = rec.figures["latency"]
-    assert {"direct_ms", "F2_ms", "F4_ms", "speedup"} <= set(lat)
+    assert {"direct_ms", "F2_ms", "F4_ms", "F2_grouped_ms", "F4_grouped_ms", "speedup"} <= set(lat)
 
 
-def test_to_spatial_is_the_exact_inverse():
+@pytest.mark.parametrize(("fastest", "tile", "grouped"), [("F4g", 4, True), ("F4", 4, False), ("F2g", 2, True)])
+def test_latency_objective_takes_the_fastest_tile_and_product_form(fastest, tile, grouped):
+    """Every (tile, products) form is timed; the fastest is the one written, its body to match."""
+    from onnxcomp.costmodel import Estimate
+
+    class Costs:  # a cost model whose timings are given: direct 10 ms, the chosen form 5, the rest 9
+        def estimate(self, units, **_):
+            return [Estimate(10.0 if u.name.endswith(":direct") else 5.0 if u.name.endswith(f":{fastest}") else 9.0,
+                             "measured") for u in units]
+
+    model = _conv_model(cin=8, cout=8, hw=(16, 16))
+    res = get_pass("winograd")().run(model, Context(cost_model=Costs()))
+    (rec,) = res.layers
+    assert rec.action == REWRITTEN, rec.reason
+    assert rec.figures["tile"] == tile and (rec.figures["products"] == "grouped conv") == grouped
+    assert rec.figures["latency"]["speedup"] == 2.0
+    (body,) = res.model.functions
+    assert body.overload.endswith("grouped") == grouped
+    feeds = _feeds(model)
+    assert _rel_err(ort_run(res.model, feeds)["y"], ort_run(model, feeds)["y"]) <= 1e-4
+
+
+@pytest.mark.parametrize("products", ["matmul", "grouped"])
+def test_to_spatial_is_the_exact_inverse(products):
     model = _conv_model(pads=(2, 0, 1, 3), relu=True)
-    wino = _winograd(model, tile="4").model
+    wino = _winograd(model, tile="4", products=products).model
     back = get_pass("winograd-to-spatial")().run(wino, Context())
     (rec,) = back.layers
     assert rec.action == REWRITTEN and rec.reason == "exact inverse"
@@ -291,8 +320,8 @@ def test_zoo_dense_rewrites_match_and_invert(arch):
     outs = [c.output[0] for c in convs]
     ref = ort_run(normalized, feeds, outs)
     w0 = {t.name: numpy_helper.to_array(t) for t in normalized.graph.initializer}
-    for tile, tol in (("2", 1e-4), ("4", 1e-3)):
-        res = _winograd(normalized, tile=tile)
+    for tile, tol, products in (("2", 1e-4, "matmul"), ("4", 1e-3, "matmul"), ("4", 1e-3, "grouped")):
+        res = _winograd(normalized, tile=tile, products=products)
         done = [r for r in res.layers if r.action == REWRITTEN]
         eligible = [c for c in convs if all(a.name != "strides" or list(a.ints) == [1, 1] for a in c.attribute)
                     and numpy_helper.to_array(next(t for t in normalized.graph.initializer if t.name == c.input[1])).shape[2:] == (3, 3)]

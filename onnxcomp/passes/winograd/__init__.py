@@ -9,8 +9,9 @@ runs anywhere; the weights grow (a/3)^2 times (1.78x for m=2, 4x for m=4), which
 
 Speed (`objective=latency`, the default): the Winograd form pays only on wide layers (measured on
 this machine: more than 1.4x at 256 channels at 56x56, slower than onnxruntime's own Conv at 64
-channels), so each layer's direct Conv and its Winograd forms are timed alone, interleaved, through
-the cost model (`onnxcomp.costmodel`), and the fastest is kept; a layer no form beats by
+channels), so each layer's direct Conv and its Winograd forms (F(2,3) and F(4,3), the products by
+batched MatMul or by grouped 1x1 Conv: `products`) are timed alone, interleaved, through the cost
+model (`onnxcomp.costmodel`), and the fastest is kept; a layer no form beats by
 `min_speedup` stays direct with both figures in its reason. `objective=macs` rewrites every eligible
 layer (fewer multiplications always), at `tile` (auto: 4).
 
@@ -66,6 +67,10 @@ class WinogradConfig(PassConfig):
                        "measured of 2 and 4; with objective=macs, 4)", choices=("auto", "2", "4", "6"))
     objective: str = option("latency", "latency: keep a layer direct unless its Winograd form is measured faster "
                             "(cost model); macs: rewrite every eligible layer", choices=("latency", "macs"))
+    products: str = option("auto", "how the Winograd-domain products run: matmul (one batched MatMul), grouped "
+                           "(one grouped 1x1 Conv, whose weight onnxruntime prepacks), or auto (with objective=latency "
+                           "per layer the faster measured; with objective=macs, matmul)",
+                           choices=("auto", "matmul", "grouped"))
     min_speedup: float = option(0.05, "with objective=latency: keep a layer direct unless its Winograd form is "
                                 "this fraction faster")
     sparsity: str = option("", "joint sparsity '<spatial>:<winograd>' (fractions of zero weights in each domain, "
@@ -101,6 +106,12 @@ class WinogradConfig(PassConfig):
             return (int(self.tile),)
         return _AUTO_TILES if self.objective == "latency" else (4,)
 
+    def product_forms(self) -> tuple[bool, ...]:
+        """The products' forms to consider, as `grouped` flags."""
+        if self.products != "auto":
+            return (self.products == "grouped",)
+        return (False, True) if self.objective == "latency" else (False,)
+
 
 @dataclass
 class _Plan:
@@ -112,6 +123,7 @@ class _Plan:
     height: int
     width: int
     tile: int = 4
+    grouped: bool = False  # products by grouped 1x1 Conv instead of batched MatMul
     figures: dict = field(default_factory=dict)
 
     @property
@@ -188,27 +200,33 @@ class WinogradPass(Pass):
         return PassResult(out, ordered, figures)
 
     def _choose_tile(self, plan: _Plan, cfg: WinogradConfig, ctx: Context, index: GraphIndex) -> str | None:
-        """Set plan.tile, or say why the layer stays direct."""
-        tiles = cfg.tiles()
+        """Set plan.tile and plan.grouped, or say why the layer stays direct."""
+        forms = [(m, g) for m in cfg.tiles() for g in cfg.product_forms()]
         if cfg.objective == "macs":
-            plan.tile = tiles[0]
+            plan.tile, plan.grouped = forms[0]
             return None
-        units = [_direct_unit(plan, index), *[_winograd_unit(plan, m, index) for m in tiles]]
+        units = [_direct_unit(plan, index), *[_winograd_unit(plan, m, index, g) for m, g in forms]]
         est = ctx.costs().estimate(units, fresh=False)
         base = est[0].total_ms
-        timed = sorted((e.total_ms, m) for e, m in zip(est[1:], tiles, strict=True))
+        timed = sorted((e.total_ms, k) for k, e in enumerate(est[1:]))
         plan.figures["latency"] = {"direct_ms": round(base, 5), "source": est[0].source,
-                                   **{f"F{m}_ms": round(e.total_ms, 5) for e, m in zip(est[1:], tiles, strict=True)}}
+                                   **{f"F{m}{'_grouped' if g else ''}_ms": round(e.total_ms, 5)
+                                      for e, (m, g) in zip(est[1:], forms, strict=True)}}
         if est[0].reason:
             plan.figures["latency"]["reason"] = est[0].reason
         ms, best = timed[0]
         plan.figures["latency"]["speedup"] = round(base / ms, 4) if ms > 0 else None
         if not ms < base * (1.0 - cfg.min_speedup):
-            return (f"direct is faster: its fastest Winograd form (F({best},3)) runs {base / max(ms, 1e-9):.2f}x as fast "
-                    f"({base:.4f} -> {ms:.4f} ms, {est[0].source}); needs {1.0 / (1.0 - cfg.min_speedup):.2f}x "
-                    f"(min_speedup={cfg.min_speedup:g})")
-        plan.tile = best
+            return (f"direct is faster: its fastest Winograd form ({_form_label(*forms[best])}) runs "
+                    f"{base / max(ms, 1e-9):.2f}x as fast ({base:.4f} -> {ms:.4f} ms, {est[0].source}); needs "
+                    f"{1.0 / (1.0 - cfg.min_speedup):.2f}x (min_speedup={cfg.min_speedup:g})")
+        plan.tile, plan.grouped = forms[best]
         return None
+
+
+def _form_label(m: int, grouped: bool) -> str:
+    """F(4,3) or F(4,3) grouped: a Winograd form as the report names it."""
+    return f"F({m},3)" + (" grouped" if grouped else "")
 
 
 def _plan(index: GraphIndex, node: onnx.NodeProto, shapes: dict, selection: str | None) -> _Plan | str:
@@ -263,14 +281,14 @@ def _rewrite(editor: GraphEditor, plan: _Plan, t: wg.Transforms, shared: tuple[s
     if bias:
         inputs.append(editor.add_initializer(f"{base}/winograd_bias", plan.bias.astype(np.float32)))  # type: ignore[union-attr]
     call = fn.call(inputs, plan.node.output[0], editor.unique_name(f"{base}/winograd"), geom,
-                   [float(p) for p in t.points], bias)
+                   [float(p) for p in t.points], bias, plan.grouped)
     if targets is not None:
         call.attribute.append(helper.make_attribute("spatial_sparsity", float(targets[0])))
     editor.replace(plan.node, [call])
-    editor.add_function(fn.function(opset, bias=bias, crop=geom.crop), fn.DOMAIN_VERSION)
+    editor.add_function(fn.function(opset, bias=bias, crop=geom.crop, grouped=plan.grouped), fn.DOMAIN_VERSION)
     mults = wg.multiplications(ci, co, geom.tiles, t)
     plan.figures.update({
-        "tile": plan.tile, "tiles": list(geom.tiles_hw),
+        "tile": plan.tile, "tiles": list(geom.tiles_hw), "products": "grouped conv" if plan.grouped else "matmul",
         "multiplications": {k: int(v * plan.batch) for k, v in mults.items()},
         "weight_growth": round(t.alpha**2 / 9.0, 4)})
     macs_after = plan.batch * (mults["input_transform"] + mults["products"] + mults["output_transform"])
@@ -329,7 +347,7 @@ def _direct_unit(plan: _Plan, index: GraphIndex) -> Unit:
                           outs, 17, macs=plan.macs // max(plan.batch, 1))
 
 
-def _winograd_unit(plan: _Plan, m: int, index: GraphIndex) -> Unit:
+def _winograd_unit(plan: _Plan, m: int, index: GraphIndex, grouped: bool = False) -> Unit:
     t = wg.transforms(m)
     geom = plan.geometry(m)
     co, ci = plan.weight.shape[:2]
@@ -342,13 +360,13 @@ def _winograd_unit(plan: _Plan, m: int, index: GraphIndex) -> Unit:
     if bias:
         consts["b"] = ((int(co),), _F)
         ins.append("b")
-    nodes = [fn.call(ins, "y", "winograd", geom, [float(p) for p in t.points], bias)]
+    nodes = [fn.call(ins, "y", "winograd", geom, [float(p) for p in t.points], bias, grouped)]
     outs = _finish(nodes, _tail(plan, index))
     mults = wg.multiplications(int(ci), int(co), geom.tiles, t)
-    unit = unit_for_nodes(f"{plan.name}:F{m}", nodes, {"x": ((1, int(ci), plan.height, plan.width), _F)}, consts, outs,
+    unit = unit_for_nodes(f"{plan.name}:F{m}{'g' if grouped else ''}", nodes, {"x": ((1, int(ci), plan.height, plan.width), _F)}, consts, outs,
                           17, macs=mults["input_transform"] + mults["products"] + mults["output_transform"],
                           extra_opsets={fn.DOMAIN: fn.DOMAIN_VERSION})
-    unit.functions = [fn.function(17, bias=bias, crop=geom.crop)]
+    unit.functions = [fn.function(17, bias=bias, crop=geom.crop, grouped=grouped)]
     return unit
 
 
