@@ -5,7 +5,8 @@ explicit `pads` whose weights are stored pre-transformed, U = G g G^T as [a*a, C
 (a = m + 2 for output tile m). K is the input transform as a [a*a, 1, a, a] correlation kernel and
 A = kron(A^T, A^T) [m*m, a*a] the output transform (shared by every layer of one tile size). A
 runtime with a native kernel may implement the op from `tile`, `pads`, U and B alone; the other
-attributes (`grid_pads`, `tile_strides`, `tile_shape`, `grid_shape`, `block_shape`, `crop`)
+attributes (`grid_pads`, `tile_strides`, `tile_shape`, `grid_shape`, `output_kernel_shape` (the output
+transform's ConvTranspose kernel), `block_shape`, `crop`)
 describe the layout the body uses at the layer's input size, and `points` the interpolation points
 U was made with. Overloads: "" (plain), "bias" (B [C_out] added), "crop" (the tile grid overhangs
 the output: sliced to `crop` = [H_out, W_out]), "bias_crop", and each of them with "grouped" (the
@@ -38,7 +39,7 @@ OP = "WinogradConv"
 DOMAIN_VERSION = 1
 MIN_OPSET = 13  # Constant(value_ints) and the opset-13 forms of Reshape/Slice in the body
 _INTS = onnx.AttributeProto.INTS
-_LAYOUT_ATTRS = ("grid_pads", "tile_strides", "tile_shape", "grid_shape", "block_shape")
+_LAYOUT_ATTRS = ("grid_pads", "tile_strides", "tile_shape", "grid_shape", "output_kernel_shape", "block_shape")
 _GROUPED_ATTRS = ("image_shape", "weight_shape", "groups")
 
 
@@ -80,10 +81,10 @@ def function(opset: int, *, bias: bool, crop: bool, grouped: bool = False) -> on
     add("Constant", [], ["grid_shape"], (_ref("value_ints", "grid_shape", _INTS),))
     add("Reshape", ["products", "grid_shape"], ["products_grid"])
     add("Transpose", ["A"], ["a_t"], perm=[1, 0])
-    add("Constant", [], ["kernel_lead"], value_ints=[-1, 1])
-    add("Constant", [], ["kernel_hw"], (_ref("value_ints", "tile_strides", _INTS),))
-    add("Concat", ["kernel_lead", "kernel_hw"], ["kernel_shape"], axis=0)
-    add("Reshape", ["a_t", "kernel_shape"], ["out_kernel"])
+    # one Constant, not [-1, 1] ++ tile_strides by Concat: onnx's shape inference cannot follow a
+    # Concat of Constants below opset 15, and the MAC count of the body needs the kernel's shape
+    add("Constant", [], ["output_kernel_shape"], (_ref("value_ints", "output_kernel_shape", _INTS),))
+    add("Reshape", ["a_t", "output_kernel_shape"], ["out_kernel"])
     add("ConvTranspose", ["products_grid", "out_kernel"], ["y_rows"], (_ref("strides", "tile_strides", _INTS),))
     add("Constant", [], ["block_shape"], (_ref("value_ints", "block_shape", _INTS),))
     y = "Y" if not (bias or crop) else "y_grid"
@@ -154,7 +155,8 @@ class Geometry:
         out = {"tile": self.m, "pads": list(self.pads), "points": [float(p) for p in points],
                "grid_pads": [t, left, b + th * self.m - ho, r + tw * self.m - wo],
                "tile_strides": [self.m, self.m], "tile_shape": [-1, self.c_in, a2, th * tw],
-               "grid_shape": [-1, a2, self.c_out * th, tw], "block_shape": [-1, self.c_out, th * self.m, tw * self.m]}
+               "grid_shape": [-1, a2, self.c_out * th, tw], "output_kernel_shape": [a2, 1, self.m, self.m],
+               "block_shape": [-1, self.c_out, th * self.m, tw * self.m]}
         if self.crop:
             out["crop"] = [ho, wo]
         if grouped:
