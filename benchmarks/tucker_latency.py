@@ -150,7 +150,6 @@ def _merged(old: list[dict], fresh: list[dict]) -> list[dict]:
     return out + [f for f in fresh if f["model"] not in placed]
 
 
-
 def _measure(cm, case, model, inp, xc, xt, shapes, ref, base_macs, label: str, pipe: str) -> tuple[dict, object]:
     """One configuration: run the pass on the calibration split, judge it on the test split, time it.
     Returns its row and the compressed model."""

@@ -228,22 +228,55 @@ def test_latency_objective_keeps_slow_layers_direct_with_both_figures():
     assert {"direct_ms", "F2_ms", "F4_ms", "F2_grouped_ms", "F4_grouped_ms", "speedup"} <= set(lat)
 
 
+class _GivenCosts:
+    """A cost model whose timings are given: a layer's direct form 10 ms, the `fastest` Winograd form
+    5 ms, the others 9; whole models (input, result) `whole_ms`, on every reading."""
+
+    def __init__(self, fastest: str, whole_ms: tuple[float, float]):
+        self.fastest, self.whole_ms = fastest, whole_ms
+
+    def estimate(self, units, **_):
+        from onnxcomp.costmodel import Estimate
+
+        return [Estimate(10.0 if u.name.endswith(":direct") else 5.0 if u.name.endswith(f":{self.fastest}") else 9.0,
+                         "measured") for u in units]
+
+    def model_timer(self, models, feeds, **_):
+        from onnxcomp.costmodel import Estimate
+
+        assert len(models) == 2 and set(feeds) == {"x"}
+        whole = self.whole_ms
+
+        class Timer:
+            def read(self, *_):
+                return [Estimate(ms, "measured") for ms in whole]
+
+        return Timer()
+
+
+def test_latency_objective_keeps_the_input_when_the_rewritten_model_is_not_faster():
+    """Layers are chosen by their time alone; on zoo resnet18 layers 1.08-1.19x faster alone made the
+    model 0.97x as fast. verify=on times the whole result and keeps the input when it is not faster."""
+    model = _conv_model(cin=8, cout=8, hw=(16, 16))
+    res = get_pass("winograd")().run(model, Context(cost_model=_GivenCosts("F4", whole_ms=(10.0, 10.5))))
+    assert res.model.SerializeToString() == model.SerializeToString()
+    (rec,) = res.layers
+    assert rec.action == SKIPPED and "0.952x as fast as the input" in rec.reason and "verify=on" in rec.reason
+    assert res.figures["measured_speedup"]["median"] == pytest.approx(10.0 / 10.5, abs=1e-4)
+    off = get_pass("winograd")(verify="off").run(model, Context(cost_model=_GivenCosts("F4", whole_ms=(10.0, 10.5))))
+    assert off.layers[0].action == REWRITTEN and "measured_speedup" not in off.figures
+
+
 @pytest.mark.parametrize(("fastest", "tile", "grouped"), [("F4g", 4, True), ("F4", 4, False), ("F2g", 2, True)])
 def test_latency_objective_takes_the_fastest_tile_and_product_form(fastest, tile, grouped):
     """Every (tile, products) form is timed; the fastest is the one written, its body to match."""
-    from onnxcomp.costmodel import Estimate
-
-    class Costs:  # a cost model whose timings are given: direct 10 ms, the chosen form 5, the rest 9
-        def estimate(self, units, **_):
-            return [Estimate(10.0 if u.name.endswith(":direct") else 5.0 if u.name.endswith(f":{fastest}") else 9.0,
-                             "measured") for u in units]
-
     model = _conv_model(cin=8, cout=8, hw=(16, 16))
-    res = get_pass("winograd")().run(model, Context(cost_model=Costs()))
+    res = get_pass("winograd")().run(model, Context(cost_model=_GivenCosts(fastest, whole_ms=(10.0, 5.0))))
     (rec,) = res.layers
     assert rec.action == REWRITTEN, rec.reason
     assert rec.figures["tile"] == tile and (rec.figures["products"] == "grouped conv") == grouped
     assert rec.figures["latency"]["speedup"] == 2.0
+    assert res.figures["measured_speedup"] == {"median": 2.0, "timings": [2.0, 2.0, 2.0]}
     (body,) = res.model.functions
     assert body.overload.endswith("grouped") == grouped
     feeds = _feeds(model)
