@@ -12,8 +12,12 @@ this machine: more than 1.4x at 256 channels at 56x56, slower than onnxruntime's
 channels), so each layer's direct Conv and its Winograd forms (F(2,3) and F(4,3), the products by
 batched MatMul or by grouped 1x1 Conv: `products`) are timed alone, interleaved, through the cost
 model (`onnxcomp.costmodel`), and the fastest is kept; a layer no form beats by
-`min_speedup` stays direct with both figures in its reason. `objective=macs` rewrites every eligible
-layer (fewer multiplications always), at `tile` (auto: 4).
+`min_speedup` stays direct with both figures in its reason. Layers faster alone can still make the
+model slower (zoo resnet18: four layers 1.08-1.19x alone, the model 0.97x), so with `verify=on` (the
+default) the rewritten model is timed whole against the input and the input is kept when it is not
+faster (`measured_speedup` in the figures). Layer timings come from the cache, the whole-model
+timing never: a model within a few percent of 1.0x may go either way between runs.
+`objective=macs` rewrites every eligible layer (fewer multiplications always), at `tile` (auto: 4).
 
 Joint sparsity (`sparsity=<spatial>:<winograd>`): `linalg.winograd.joint_sparsify` finds, per layer
 and without retraining, Winograd-domain weights exactly `winograd` sparse whose spatial filters (what
