@@ -161,13 +161,13 @@ def _measure(cm, case, model, inp, xc, xt, shapes, ref, base_macs, label: str, p
     feeds = {inp: xt[:1]}
     # This VM has spells in which a run takes up to 1.5x as long: the pair is timed REPEATS times
     # (interleaved each time) and the median speed-up kept.
-    pairs = [cm.time_models([model, out], feeds, target_ms=1000.0) for _ in range(REPEATS)]
-    speedups = sorted(b.ms / c.ms for b, c in pairs)
-    base_t, cand_t = pairs[[b.ms / c.ms for b, c in pairs].index(speedups[len(speedups) // 2])]
+    pairs = cm.paired_timings(model, out, feeds, pairings=REPEATS, target_ms=1000.0)  # candidate/base ascending
+    speedups = sorted(b / c for b, c in pairs)
+    base_ms, cand_ms = pairs[len(pairs) // 2]
     macs = total_macs(out, shapes)
     row = {"model": case.name, "config": label, "error": rel_l2(ref, pred),
            "task": task_score(case, out, ref), "macs_ratio": macs / base_macs if base_macs and macs else None,
-           "speedup": base_t.ms / cand_t.ms, "speedups": speedups, "base_ms": base_t.ms, "ms": cand_t.ms,
+           "speedup": base_ms / cand_ms, "speedups": speedups, "base_ms": base_ms, "ms": cand_ms,
            "rewritten": report.passes[-1].rewritten, "seconds": seconds,
            "predicted": report.passes[-1].figures.get("budget_achieved")}
     print(f"{case.name:<18} {label:<20} err {row['error']:.4f}  task {row['task']:.2f}  "
@@ -190,8 +190,9 @@ def _head_to_head(cm, model, feeds, rows: list[dict], outs: dict[str, object]) -
         if not peers:
             continue
         best = max(peers, key=lambda p: p["speedup"])
-        timed = [cm.time_models([model, outs[r["config"]], outs[best["config"]]], feeds, target_ms=1000.0)
-                 for _ in range(REPEATS)]
+        timer = cm.model_timer([model, outs[r["config"]], outs[best["config"]]], feeds)  # sessions built once
+        timed = [timer.read(1000.0) for _ in range(REPEATS)]
+        del timer
         ratios = sorted(m.ms / b.ms for _, m, b in timed)
         base, mac, bud = timed[[m.ms / b.ms for _, m, b in timed].index(ratios[len(ratios) // 2])]
         r["duel"] = {"budget": best["config"], "ratio": mac.ms / bud.ms, "ratios": ratios,

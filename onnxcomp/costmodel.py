@@ -318,6 +318,16 @@ class CostModel:
         """A `ModelTimer` for reading the same models several times (sessions built once)."""
         return ModelTimer(self, models, feeds, min_runs=min_runs)
 
+    def paired_timings(self, base: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray], *,
+                       pairings: int = 3, target_ms: float = 300.0) -> list[tuple[float, float]]:
+        """(base p50 ms, candidate p50 ms) of `pairings` interleaved readings (one session each),
+        sorted by the candidate's time over the base's, so the middle one is the median pairing: a
+        pass judging its own result against its input reads this, not one timing that may fall in a
+        spell of this VM."""
+        timer = self.model_timer([base, candidate], feeds)
+        pairs = [(b.ms, c.ms) for b, c in (timer.read(target_ms) for _ in range(pairings))]
+        return sorted(pairs, key=lambda p: p[1] / p[0])
+
     # -- internals ----------------------------------------------------------------------------
     def _fit(self) -> tuple[tuple[float, float, float], str]:
         from scipy.optimize import nnls

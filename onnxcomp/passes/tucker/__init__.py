@@ -1143,13 +1143,11 @@ def _measured_budget(model: onnx.ModelProto, out: onnx.ModelProto, ctx: Context)
     from onnxcomp.data import random_source
 
     feeds = random_source(model, ctx.input_shapes or None, samples=1, batch_size=1, seed=ctx.seed).first_batch()[0]
-    timer = ctx.costs().model_timer([model, out], feeds)
-    pairs = [timer.read(_WHOLE_MS) for _ in range(_WHOLE_PAIRS)]
-    ratios = [after.ms / before.ms for before, after in pairs]
-    mid = sorted(range(len(pairs)), key=ratios.__getitem__)[len(pairs) // 2]
-    return {"budget_measured": round(ratios[mid], 4),
-            "model_ms_measured_pair": [round(pairs[mid][0].ms, 4), round(pairs[mid][1].ms, 4)],
-            "budget_measured_ratios": [round(r, 4) for r in ratios]}
+    pairs = ctx.costs().paired_timings(model, out, feeds, pairings=_WHOLE_PAIRS, target_ms=_WHOLE_MS)
+    before, after = pairs[len(pairs) // 2]
+    return {"budget_measured": round(after / before, 4),
+            "model_ms_measured_pair": [round(before, 4), round(after, 4)],
+            "budget_measured_ratios": [round(a / b, 4) for b, a in pairs]}
 
 
 def _cost_model_summary(plans: list[_Plan]) -> dict:
