@@ -12,7 +12,7 @@ measured speed-up (interleaved with the original in one process, p50). The compa
 MAC-driven point, the fastest latency-budget point with no worse error, the two then timed again
 head to head (interleaved with each other and the original), and the ratio of their speed-ups.
 
-    python benchmarks/tucker_latency.py [--only glyph_resnet,ppocr_cls [--merge]] [--budgets 0.5,0.6]
+    python benchmarks/tucker_latency.py [--only glyph_resnet,ppocr_cls [--merge]] [--budgets 0.5,0.6] [--render]
                                         [--out benchmarks/out/tucker_latency.md]
 """
 
@@ -57,6 +57,7 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated model names")
     ap.add_argument("--out", default=str(HERE / "out" / "tucker_latency.md"))
     ap.add_argument("--merge", action="store_true", help="replace only the re-measured models' rows of --out's JSON")
+    ap.add_argument("--render", action="store_true", help="measure nothing: rewrite --out from its JSON")
     ap.add_argument("--macs", default=",".join(map(str, MACS)), help="comma-separated rank=macs fractions")
     ap.add_argument("--budgets", default="", help="comma-separated budget=latency fractions (default: "
                     f"{LOWEST:g}, then {SPREAD} spread from the lowest time it reached to {HIGHEST:g})")
@@ -69,7 +70,9 @@ def main() -> int:
     names = args.only.split(",") if args.only else None
     cm = CostModel(target_ms=60.0)
     rows: list[dict] = []
-    for case in load_cases(names, quick=True):
+    if args.render:
+        rows = json.loads(Path(args.out).with_suffix(".json").read_text())
+    for case in ([] if args.render else load_cases(names, quick=True)):
         model = Pipeline.parse("normalize").run(load_model(case.path), Context())[0]
         inp = model.graph.input[0].name
         xc, xt = case.calib[0], case.test[0]
@@ -90,7 +93,7 @@ def main() -> int:
     if not rows:
         return 0
     previous = Path(args.out).with_suffix(".json")
-    if args.merge and previous.is_file():
+    if args.merge and not args.render and previous.is_file():
         rows = _merged(json.loads(previous.read_text()), rows)
     lines = ["# Tucker: measured latency budget vs MAC-driven ranks (`python benchmarks/tucker_latency.py`)", "",
              f"Both with `{COMMON}`, calibrated on the calibration split, judged on held-out test data; speed-up "
@@ -110,10 +113,13 @@ def main() -> int:
     lines += ["", "For each MAC-driven point, the fastest latency-budget point with no worse error (picked by the "
               "speed-ups above), then the two timed again head to head, interleaved with the original, "
               f"{REPEATS} times: the ratio is the median of these pairings (all in the last column), the "
-              "speed-ups and the gain (speed-up minus 1, budget over MACs) from that median pairing.", "",
+              "speed-ups and the gain (speed-up minus 1, budget over MACs) from that median pairing. Ceiling: the "
+              "fastest budget point of the model *at any error* (every layer at or near its cheapest option) over the "
+              "MAC point, both from the grid's timings: no budget can beat the MAC point by more, so where it is below "
+              "1.2x the target of 1.2x is out of Tucker's reach on that model.", "",
               "| model | rank=macs | its error | best budget=latency | its error | speed-ups head to head (MACs / budget) "
-              "| ratio | gain | ratios timed |",
-              "|---|---|---:|---|---:|---:|---:|---:|---|"]
+              "| ratio | gain | ceiling | ratios timed |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if not r["config"].startswith("rank="):
             continue
@@ -122,19 +128,35 @@ def main() -> int:
             accurate = any(p["model"] == r["model"] and p["config"].startswith("budget=") and p["error"] <= r["error"]
                            for p in rows)
             lines.append(f"| {r['model']} | {r['config']} | {r['error']:.4f} | "
-                         f"{'not timed head to head (an older run)' if accurate else 'none as accurate'} | | | | | |")
+                         f"{'not timed head to head (an older run)' if accurate else 'none as accurate'} | | | | "
+                         f"| {_ceiling(rows, r):.2f}x | |")
             continue
         best = next(p for p in rows if p["model"] == r["model"] and p["config"] == d["budget"])
         gain = ((d["budget_speedup"] - 1.0) / (d["mac_speedup"] - 1.0) if d["mac_speedup"] > 1.0 else None)
         lines.append(f"| {r['model']} | {r['config']} | {r['error']:.4f} | {d['budget']} | {best['error']:.4f} | "
                      f"{d['mac_speedup']:.3f} / {d['budget_speedup']:.3f} | {d['ratio']:.2f}x | "
-                     f"{'no gain from MACs' if gain is None else f'{gain:.2f}x'} | "
+                     f"{'no gain from MACs' if gain is None else f'{gain:.2f}x'} | {_ceiling(rows, r):.2f}x | "
                      f"{' '.join(f'{v:.3f}' for v in d['ratios'])} |")
+    reach = [r for r in rows if r.get("fixed") is not None and r["config"] == _budget(LOWEST)[0]]
+    if reach:
+        lines += ["", f"The reach, from each model's `budget=latency:{LOWEST:g}` run (the pass's figures): fixed is the "
+                  "share of the time in layers Tucker cannot decompose (so no speed-up above 1 / fixed), floor the "
+                  "predicted share with every decomposable layer at its cheapest option; measured: that run's speed-up.",
+                  "", "| model | fixed (predicted) | bound 1 / fixed | floor (predicted) | measured speed-up |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['model']} | {r['fixed']:.3f} | {1 / r['fixed'] if r['fixed'] else float('inf'):.2f}x | "
+                  f"{r['floor']:.3f} | {r['speedup']:.3f} |" for r in reach]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
+
+
+def _ceiling(rows: list[dict], mac_row: dict) -> float:
+    """The fastest budget row of `mac_row`'s model, at any error, over `mac_row` (grid speed-ups)."""
+    fastest = max(p["speedup"] for p in rows if p["model"] == mac_row["model"] and p["config"].startswith("budget="))
+    return fastest / mac_row["speedup"]
 
 
 def _merged(old: list[dict], fresh: list[dict]) -> list[dict]:
@@ -169,7 +191,8 @@ def _measure(cm, case, model, inp, xc, xt, shapes, ref, base_macs, label: str, p
            "task": task_score(case, out, ref), "macs_ratio": macs / base_macs if base_macs and macs else None,
            "speedup": base_ms / cand_ms, "speedups": speedups, "base_ms": base_ms, "ms": cand_ms,
            "rewritten": report.passes[-1].rewritten, "seconds": seconds,
-           "predicted": report.passes[-1].figures.get("budget_achieved")}
+           "predicted": report.passes[-1].figures.get("budget_achieved"),
+           "floor": report.passes[-1].figures.get("budget_floor"), "fixed": report.passes[-1].figures.get("budget_fixed")}
     print(f"{case.name:<18} {label:<20} err {row['error']:.4f}  task {row['task']:.2f}  "
           f"MACs {row['macs_ratio'] or 0:.3f}  speed-up {row['speedup']:.3f} ({' '.join(f'{v:.3f}' for v in speedups)})  "
           f"predicted {row['predicted']}  ({seconds:.0f} s)", flush=True)

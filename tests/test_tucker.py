@@ -595,8 +595,11 @@ def test_budget_spreads_cuts_and_reports_an_unreachable_target():
     # (a sum-of-errors greedy sent conv2 alone to 76% error here: kept 0.24)
     assert res.figures["budget_met"] is True and kept > 0.3
     assert all(r.reason == "budget met without this layer" for r in res.layers if r.action == SKIPPED)
+    f = res.figures  # the reach: below the result, above what no option touches (nothing here: all convs)
+    assert 0.0 == f["budget_fixed"] < f["budget_floor"] < f["budget_achieved"] <= 0.5
     res = Tucker(budget="macs:0.01", round=4).run(model, ctx)
     assert res.figures["budget_met"] is False
+    assert res.figures["budget_floor"] == res.figures["budget_achieved"]  # out of reach: at the floor
     assert res.figures["budget_note"].startswith("macs:0.01 is out of reach")
     assert f"keeps {res.figures['budget_achieved']:.3f} of its MACs" in res.figures["budget_note"]
     assert all(r.action == REWRITTEN for r in res.layers)  # every layer at its cheapest option

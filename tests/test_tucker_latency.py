@@ -117,6 +117,7 @@ def test_latency_budget_spends_measured_time():
     res = Tucker(budget="latency:0.6", round=16).run(model, Context())
     f = res.figures
     assert f["budget_met"] is True and f["budget_achieved"] <= 0.6
+    assert 0.0 <= f["budget_fixed"] < f["budget_floor"] <= f["budget_achieved"]
     assert f["model_ms_before"] > 0 and f["model_ms_after_predicted"] <= 0.6 * f["model_ms_before"]
     assert f["cost_model"]["layers"] and f["cost_model"]["model_ms_measured"] > 0
     # the result is timed against the input too: the median of the interleaved pairings is reported

@@ -38,8 +38,10 @@ repeatedly takes the single move — one layer to a cheaper option — with the 
 -log(1 - e) per MAC saved, until the total meets the target or no move is left. Errors are relative
 per layer, so every layer counts the same however large it is; the log makes each further cut of
 one layer dearer, so the budget is spread instead of wrecking the largest layers. The pass figures
-give the achieved ratio (`budget_achieved`), `budget_met`, and a `budget_note` when the target is
-out of reach. Needs static spatial shapes (the model's or `--input-shape`).
+give the achieved ratio (`budget_achieved`), `budget_met`, the reach (`budget_floor`: the ratio with
+every layer at its cheapest option; `budget_fixed`: the share in layers the pass cannot decompose, so
+no budget below it and no speed-up above 1 / `budget_fixed` is possible), and a `budget_note` when
+the target is out of reach. Needs static spatial shapes (the model's or `--input-shape`).
 With `--data` (`allocate=auto` or `sensitivity`), each option's error proxy is replaced by what it
 *measures*: the layer alone decomposed at up to 4 options of its front, the whole model's relative
 squared output error on 64 calibration samples (proxies of the options in between scaled by the
@@ -664,8 +666,11 @@ class TuckerPass(Pass):
         choice, achieved = dec.allocate_budget(entries, target * total, fixed)
         met = achieved <= target * total
         unit = "time" if kind == "latency" else "MACs"
+        # the reach: every layer at its cheapest option (the floor), and what no option can touch (fixed)
+        floor = fixed + sum(min([base, *(o.macs for o in opts)]) for base, opts in entries)
         figures.update({"budget_target": target, "budget_achieved": round(achieved / total, 4) if total else None,
-                        "budget_met": met})
+                        "budget_met": met, "budget_floor": round(floor / total, 4) if total else None,
+                        "budget_fixed": round(fixed / total, 4) if total else None})
         if kind == "latency":
             figures.update({"model_ms_before": round(total, 4), "model_ms_after_predicted": round(achieved, 4)})
         else:
