@@ -23,7 +23,7 @@ its 62-class test set, 1000 images), with the achieved sparsities and the multip
 platform needs when it skips zeros; the guarded `optimize` (which puts back the layers that break
 the tolerance) for the trained model.
 
-    python benchmarks/winograd.py [--part speed|stage|sparsity|pack|all] [--models vgg16,resnet18] [--out benchmarks/out/winograd.md]
+    python benchmarks/winograd.py [--part speed|stage|bias|sparsity|pack|all] [--models vgg16,resnet18] [--out benchmarks/out/winograd.md]
 """
 
 from __future__ import annotations
@@ -265,9 +265,68 @@ def output_stage(lines: list[str]) -> None:
     print("\n".join(lines[-10:]), flush=True)
 
 
+def _grouped_layer(geom, inits: dict, points: list[float], fused: bool) -> onnx.ModelProto:
+    """A grouped F(4,3) WinogradConv + Relu over x [1, C_in, H, W]; its bias on the products'
+    Conv (`fused`) or added by an Add after the call (as the body before 2026-12-07 did inside)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxcomp.passes.winograd import function as fn
+
+    if fused:
+        nodes = [fn.call(["x", "u", "k", "a", "b"], "c", "winograd", geom, points, True, True)]
+    else:
+        nodes = [fn.call(["x", "u", "k", "a"], "c0", "winograd", geom, points, False, True),
+                 helper.make_node("Add", ["c0", "bias_planes"], ["c"])]
+    nodes.append(helper.make_node("Relu", ["c"], ["y"]))
+    shape = [1, geom.c_in, geom.height, geom.width]
+    g = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    out = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(fn.DOMAIN, 1)],
+                            functions=[fn.function(17, bias=fused, crop=geom.crop, grouped=True)])
+    out.ir_version = 8
+    return out
+
+
+def bias_part(lines: list[str]) -> None:
+    """One grouped F(4,3) layer (bias, Relu) at vgg16's shapes: the bias as an Add over the output
+    (the body before 2026-12-07) against the bias on the products' Conv (at the point-1 tile
+    position, `function.point_one`), interleaved, five pairings, the median ratio kept."""
+    from onnxcomp.costmodel import CostModel
+    from onnxcomp.linalg import winograd as wg
+    from onnxcomp.passes.winograd import function as fn
+
+    t = wg.transforms(4)
+    points = [float(p) for p in t.points]
+    lines += ["## F(4,3) grouped layer with bias and Relu: bias by Add vs on the products' Conv (interleaved)", "",
+              "| C_in -> C_out @ HxW | Add ms | on the products ms | speed-up (median of 5) | pairings | max abs difference |",
+              "|---|---|---|---|---|---|"]
+    rng = np.random.default_rng(0)
+    for ci, co, hw in ((128, 256, 56), (256, 256, 56), (256, 512, 28), (512, 512, 28), (512, 512, 14)):
+        w = (rng.standard_normal((co, ci, 3, 3)) * (2 / (9 * ci)) ** 0.5).astype(np.float32)
+        bias = rng.standard_normal(co).astype(np.float32)
+        geom = fn.Geometry(4, ci, co, hw, hw, (1, 1, 1, 1))
+        inits = {"u": wg.filter_transform(w.astype(np.float64), t).astype(np.float32),
+                 "k": wg.input_transform_kernel(t).astype(np.float32),
+                 "a": wg.output_transform_matrix(t).astype(np.float32), "b": bias,
+                 "bias_planes": bias.reshape(co, 1, 1)}
+
+        add, fused = (_grouped_layer(geom, inits, points, f) for f in (False, True))
+        x = {"x": rng.standard_normal((1, ci, hw, hw)).astype(np.float32)}
+        diff = float(np.abs(_run(add, x)["y"] - _run(fused, x)["y"]).max())
+        cm = CostModel(cache=False)
+        pairs = sorted((e[0].ms, e[1].ms) for e in (cm.time_models([add, fused], x, target_ms=1000.0) for _ in range(5)))
+        ratios = sorted(a / f for a, f in pairs)
+        mid = next(p for p in pairs if p[0] / p[1] == ratios[2])
+        lines.append(f"| {ci} -> {co} @ {hw} | {mid[0]:.3f} | {mid[1]:.3f} | {ratios[2]:.3f}x | "
+                     f"{' '.join(f'{r:.3f}' for r in ratios)} | {diff:.1e} |")
+    lines.append("")
+    print("\n".join(lines[-8:]), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("speed", "stage", "sparsity", "pack", "all"), default="all")
+    ap.add_argument("--part", choices=("speed", "stage", "bias", "sparsity", "pack", "all"), default="all")
     ap.add_argument("--models", default="vgg16,resnet18")
     ap.add_argument("--out", default=str(HERE / "out" / "winograd.md"))
     args = ap.parse_args()
@@ -283,6 +342,8 @@ def main() -> int:
         speed([m for m in args.models.split(",") if m], lines)
     if args.part in ("stage", "all"):
         output_stage(lines)
+    if args.part in ("bias", "all"):
+        bias_part(lines)
     if args.part in ("sparsity", "all"):
         sparsity(lines)
     if args.part in ("pack", "all"):

@@ -166,12 +166,18 @@ def test_rewrite_matches_the_conv(tile, tol, case, products):
     (body,) = res.model.functions
     assert ("Conv" if products == "grouped" else "MatMul") in [n.op_type for n in body.node]
     assert body.overload.endswith("grouped") == (products == "grouped") == (rec.figures["products"] == "grouped conv")
+    # grouped: the bias is the products Conv's, at tile position (1, 1) (point 1), no Add over the output
+    ops = [n.op_type for n in body.node]
+    assert ("Add" in ops) == (case.get("bias", True) and products == "matmul")
+    assert ("Pad" in ops) == (case.get("bias", True) and products == "grouped")
     feeds = _feeds(model)
     ref, got = ort_run(model, feeds)["y"], ort_run(res.model, feeds)["y"]
     assert got.shape == ref.shape
     assert _rel_err(got, ref) <= tol
     assert rec.figures["tile"] == int(tile)
     assert rec.params_after == (int(tile) + 2) ** 2 * rec.params_before // 9
+    # the direct count is the conv's own, not over the tile grid where it overhangs the output
+    assert rec.figures["multiplications"]["direct"] == rec.macs_before
 
 
 @pytest.mark.parametrize("opset", [11, 13, 18, 21])

@@ -155,14 +155,17 @@ def conv2d_reference(x: np.ndarray, w: np.ndarray, t: Transforms) -> np.ndarray:
     return y
 
 
-def multiplications(ci: int, co: int, tiles: int, t: Transforms) -> dict[str, int]:
+def multiplications(ci: int, co: int, tiles: int, t: Transforms, outputs: int | None = None) -> dict[str, int]:
     """Multiplications per image of a Winograd layer as its standard-op body computes them (the
     input transform as a dense a x a correlation per channel and tile, the elementwise products as
-    a batched matrix product, the output transform as one matrix product), and of the direct form
-    over the same tiles: what `onnxcomp.analysis` counts by inlining the function body."""
+    a batched matrix product, the output transform as one matrix product): what `onnxcomp.analysis`
+    counts by inlining the function body; and of the direct convolution at `outputs` positions per
+    channel (H_out * W_out), by default the tiles' (m * m * tiles, more where the grid overhangs:
+    a 14 x 14 output has 16 x 16 under F(4,3))."""
     a2, m2 = t.alpha**2, t.m**2
+    positions = m2 * tiles if outputs is None else outputs
     return {"input_transform": ci * tiles * a2 * a2, "products": a2 * co * ci * tiles,
-            "output_transform": m2 * a2 * co * tiles, "direct": co * ci * t.r * t.r * m2 * tiles}
+            "output_transform": m2 * a2 * co * tiles, "direct": co * ci * t.r * t.r * positions}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ the multiplications each platform needs when it skips zeros, and the weight erro
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -316,7 +317,7 @@ def _rewrite(editor: GraphEditor, plan: _Plan, t: wg.Transforms, shared: tuple[s
         call.attribute.append(helper.make_attribute("spatial_sparsity", float(targets[0])))
     editor.replace(plan.node, [call])
     editor.add_function(fn.function(opset, bias=bias, crop=geom.crop, grouped=plan.grouped), fn.DOMAIN_VERSION)
-    mults = wg.multiplications(ci, co, geom.tiles, t)
+    mults = wg.multiplications(ci, co, geom.tiles, t, outputs=math.prod(geom.out_hw))
     plan.figures.update({
         "tile": plan.tile, "tiles": list(geom.tiles_hw), "products": "grouped conv" if plan.grouped else "matmul",
         "multiplications": {k: int(v * plan.batch) for k, v in mults.items()},

@@ -10,7 +10,9 @@ transform's ConvTranspose kernel), `block_shape`, `crop`)
 describe the layout the body uses at the layer's input size, and `points` the interpolation points
 U was made with. Overloads: "" (plain), "bias" (B [C_out] added), "crop" (the tile grid overhangs
 the output: sliced to `crop` = [H_out, W_out]), "bias_crop", and each of them with "grouped" (the
-products as a grouped 1x1 Conv, below; attributes `image_shape`, `weight_shape`, `groups`).
+products as a grouped 1x1 Conv, below; attributes `image_shape`, `weight_shape`, `groups`; with a
+bias, B is that Conv's bias at the products of tile position (i, i) of interpolation point 1,
+`bias_pads` zeros before and after it, instead of an Add over the output: see `point_one`).
 
 Body, as measured fastest in onnxruntime (what won and lost is in DESIGN.md): channels become the
 batch (Reshape [N*C, 1, H, W]), the input transform is one stride-m Conv with kernel K (onnxruntime
@@ -69,12 +71,18 @@ def function(opset: int, *, bias: bool, crop: bool, grouped: bool = False) -> on
     add("Constant", [], ["tile_shape"], (_ref("value_ints", "tile_shape", _INTS),))
     add("Reshape", ["v_grid", "tile_shape"], ["v_tiles"])
     add("Transpose", ["v_tiles"], ["v"], perm=[0, 2, 1, 3])
+    fused_bias = bias and grouped
     if grouped:
         add("Constant", [], ["image_shape"], (_ref("value_ints", "image_shape", _INTS),))
         add("Reshape", ["v", "image_shape"], ["v_image"])
         add("Constant", [], ["weight_shape"], (_ref("value_ints", "weight_shape", _INTS),))
         add("Reshape", ["U", "weight_shape"], ["u_kernels"])
-        add("Conv", ["v_image", "u_kernels"], ["products"], (_ref("group", "groups", onnx.AttributeProto.INT),),
+        conv_inputs = ["v_image", "u_kernels"]
+        if fused_bias:  # B at the products of the point-1 tile position, zero elsewhere (folded at load)
+            add("Constant", [], ["bias_pads"], (_ref("value_ints", "bias_pads", _INTS),))
+            add("Pad", ["B", "bias_pads"], ["products_bias"])
+            conv_inputs.append("products_bias")
+        add("Conv", conv_inputs, ["products"], (_ref("group", "groups", onnx.AttributeProto.INT),),
             kernel_shape=[1, 1])
     else:
         add("MatMul", ["U", "v"], ["products"])
@@ -87,10 +95,10 @@ def function(opset: int, *, bias: bool, crop: bool, grouped: bool = False) -> on
     add("Reshape", ["a_t", "output_kernel_shape"], ["out_kernel"])
     add("ConvTranspose", ["products_grid", "out_kernel"], ["y_rows"], (_ref("strides", "tile_strides", _INTS),))
     add("Constant", [], ["block_shape"], (_ref("value_ints", "block_shape", _INTS),))
-    y = "Y" if not (bias or crop) else "y_grid"
+    y = "Y" if not ((bias and not fused_bias) or crop) else "y_grid"
     add("Reshape", ["y_rows", "block_shape"], [y])
     if crop:
-        out = "Y" if not bias else "y_cropped"
+        out = "Y" if not bias or fused_bias else "y_cropped"
         add("Constant", [], ["crop_starts"], value_ints=[0, 0])
         add("Constant", [], ["crop_ends"], (_ref("value_ints", "crop", _INTS),))
         add("Constant", [], ["crop_axes"], value_ints=[2, 3])
@@ -99,11 +107,12 @@ def function(opset: int, *, bias: bool, crop: bool, grouped: bool = False) -> on
     inputs = ["X", "U", "K", "A"]
     if bias:
         inputs.append("B")
+    if bias and not fused_bias:
         add("Constant", [], ["bias_shape"], value_ints=[-1, 1, 1])
         add("Reshape", ["B", "bias_shape"], ["bias_planes"])
         add("Add", [y, "bias_planes"], ["Y"])
     attributes = (["tile", "pads", "points", *_LAYOUT_ATTRS] + (["crop"] if crop else [])
-                  + (list(_GROUPED_ATTRS) if grouped else []))
+                  + (list(_GROUPED_ATTRS) if grouped else []) + (["bias_pads"] if fused_bias else []))
     fn = helper.make_function(DOMAIN, OP, inputs, ["Y"], nodes, [helper.make_opsetid("", opset)],
                               attributes=attributes,
                               doc_string="3x3 stride-1 convolution by Winograd F(m x m, 3 x 3) on pre-transformed weights")
@@ -146,8 +155,10 @@ class Geometry:
         th, tw = self.tiles_hw
         return (th * self.m, tw * self.m) != self.out_hw
 
-    def attributes(self, points: list[float], grouped: bool = False) -> dict:
-        """The call's attributes for this grid (`grouped`: with the grouped-Conv products' shapes)."""
+    def attributes(self, points: list[float], grouped: bool = False, bias: bool = False) -> dict:
+        """The call's attributes for this grid (`grouped`: with the grouped-Conv products' shapes, and
+        with `bias` where the products' bias goes, `bias_pads`). ValueError when `grouped` and `bias`
+        and 1 is not among `points`."""
         ho, wo = self.out_hw
         th, tw = self.tiles_hw
         t, left, b, r = self.pads
@@ -162,15 +173,29 @@ class Geometry:
         if grouped:
             out.update({"image_shape": [-1, a2 * self.c_in, th * tw, 1], "weight_shape": [a2 * self.c_out, self.c_in, 1, 1],
                         "groups": a2})
+            if bias:
+                k = (self.alpha + 1) * point_one(points)
+                out["bias_pads"] = [k * self.c_out, (a2 - 1 - k) * self.c_out]
         return out
 
 
 def call(inputs: list[str], output: str, name: str, geometry: Geometry, points: list[float], bias: bool,
          grouped: bool = False) -> onnx.NodeProto:
     """The WinogradConv node for one layer (inputs X, U, K, A[, B]); `grouped`: products by grouped Conv."""
-    node = helper.make_node(OP, inputs, [output], name=name, domain=DOMAIN, **geometry.attributes(points, grouped))
+    node = helper.make_node(OP, inputs, [output], name=name, domain=DOMAIN, **geometry.attributes(points, grouped, bias))
     node.overload = overload(bias, geometry.crop, grouped)
     return node
+
+
+def point_one(points: list[float]) -> int:
+    """The tile row/column of interpolation point 1. The output transform's column there is all ones
+    (the output polynomial's powers at 1), so a value c added to the products at tile position
+    (i, i) adds c to every output of the tile: the bias rides on the products' Conv instead of a
+    separate Add over the output. ValueError without point 1."""
+    for i, p in enumerate(points):
+        if p == 1.0:
+            return i
+    raise ValueError(f"interpolation points {points} lack 1: the bias cannot ride on the products")
 
 
 def is_call(node: onnx.NodeProto) -> bool:
