@@ -129,13 +129,13 @@ def main() -> int:
                            for p in rows)
             lines.append(f"| {r['model']} | {r['config']} | {r['error']:.4f} | "
                          f"{'not timed head to head (an older run)' if accurate else 'none as accurate'} | | | | "
-                         f"| {_ceiling(rows, r):.2f}x | |")
+                         f"| {_ceiling(rows, r)} | |")
             continue
         best = next(p for p in rows if p["model"] == r["model"] and p["config"] == d["budget"])
         gain = ((d["budget_speedup"] - 1.0) / (d["mac_speedup"] - 1.0) if d["mac_speedup"] > 1.0 else None)
         lines.append(f"| {r['model']} | {r['config']} | {r['error']:.4f} | {d['budget']} | {best['error']:.4f} | "
                      f"{d['mac_speedup']:.3f} / {d['budget_speedup']:.3f} | {d['ratio']:.2f}x | "
-                     f"{'no gain from MACs' if gain is None else f'{gain:.2f}x'} | {_ceiling(rows, r):.2f}x | "
+                     f"{'no gain from MACs' if gain is None else f'{gain:.2f}x'} | {_ceiling(rows, r)} | "
                      f"{' '.join(f'{v:.3f}' for v in d['ratios'])} |")
     reach = [r for r in rows if r.get("fixed") is not None and r["config"] == _budget(LOWEST)[0]]
     if reach:
@@ -153,10 +153,11 @@ def main() -> int:
     return 0
 
 
-def _ceiling(rows: list[dict], mac_row: dict) -> float:
-    """The fastest budget row of `mac_row`'s model, at any error, over `mac_row` (grid speed-ups)."""
-    fastest = max(p["speedup"] for p in rows if p["model"] == mac_row["model"] and p["config"].startswith("budget="))
-    return fastest / mac_row["speedup"]
+def _ceiling(rows: list[dict], mac_row: dict) -> str:
+    """The fastest budget row of `mac_row`'s model, at any error, over `mac_row` (grid speed-ups), as
+    a table cell; empty without budget rows."""
+    budget = [p["speedup"] for p in rows if p["model"] == mac_row["model"] and p["config"].startswith("budget=")]
+    return f"{max(budget) / mac_row['speedup']:.2f}x" if budget else ""
 
 
 def _merged(old: list[dict], fresh: list[dict]) -> list[dict]:
