@@ -113,6 +113,36 @@ def cache_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "onnxcomp"
 
 
+def last_level_cache_bytes() -> int | None:
+    """The size of the CPU's largest cache (Linux sysfs), None where it cannot be read."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text[:-1] if text[-1:] in "KMG" else text
+        if digits.isdigit():
+            sizes.append(int(digits) * scale)
+    return max(sizes) if sizes else None
+
+
+class _Evictor:
+    """Reads a buffer of twice the last-level cache (64 MB where unknown): run before each timed run
+    of a `cold` measurement, it leaves a unit's weights in memory, not in the cache, as in a model
+    whose weights exceed the cache (zoo resnet18, 46 MB against this VM's 32 MB: a WinogradConv
+    1.09x faster than the direct conv with its weights cached was 0.97x with them cold, its
+    pre-transformed weights being 4x the direct ones)."""
+
+    def __init__(self) -> None:
+        llc = last_level_cache_bytes() or (32 << 20)
+        self.buffer = np.ones(2 * llc // 8, np.float64)
+
+    def __call__(self) -> None:
+        self.buffer.sum()
+
+
 # ---------------------------------------------------------------------------------------------
 # estimates and the cache
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +243,25 @@ class LatencyCache:
             pass
 
 
+def _cache_key(unit: Unit, cold: bool) -> str:
+    return unit.signature() + ("/cold" if cold else "")
+
+
+def model_weights_exceed_cache(model: onnx.ModelProto) -> bool:
+    """Whether `model`'s initializers take more than half the CPU's last-level cache (32 MB assumed
+    where unknown): then a run reads most weights from memory (activations and a rewrite's larger
+    weights take the rest), and layers are best compared with `estimate(cold=True)`."""
+    llc = last_level_cache_bytes() or (32 << 20)
+    weights = sum(_tensor_bytes(t) for t in model.graph.initializer)
+    return weights > llc // 2
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    if t.raw_data:
+        return len(t.raw_data)
+    return math.prod(t.dims) * max(onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize, 1)
+
+
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
 
@@ -243,7 +292,7 @@ class CostModel:
 
     # -- public -------------------------------------------------------------------------------
     def estimate(self, units: Sequence[Unit], *, fresh: bool = False, together: bool = True,
-                 net_of_layout: bool = True, in_run: bool = False) -> list[Estimate]:
+                 net_of_layout: bool = True, in_run: bool = False, cold: bool = False) -> list[Estimate]:
         """One estimate per unit, in order. Units not cached are measured together, interleaved (so a
         layer and its alternatives see the same machine state), or one after the other with
         `together=False` (a model's many layers: interleaving dozens of them evicts each one's input
@@ -254,7 +303,10 @@ class CostModel:
         `in_run=True` also measures `in_run_ms`, what each unit adds inside a run (twice the timing
         work): a small layer alone pays a run's start (the call, its first kernel, waking the thread
         pool) that inside a model only the first layer pays; on an AMD EPYC VM that start was 10-55 us
-        a layer, far above a one-element Identity's 6 us, and depended on the layer's size and layout."""
+        a layer, far above a one-element Identity's 6 us, and depended on the layer's size and layout.
+        `cold=True` times each run with the caches emptied of the unit's weights first (`_Evictor`),
+        cached apart from the warm timing: for a model whose weights do not fit in the cache, where
+        a rewrite that grows the weights pays for it on every run (`model_weights_exceed_cache`)."""
         out: list[Estimate | None] = [None] * len(units)
         todo: list[int] = []
         for k, u in enumerate(units):
@@ -264,7 +316,7 @@ class CostModel:
             if not self.measure_enabled:
                 out[k] = self.analytic(u, reason="measuring is off")
                 continue
-            hit = None if (fresh or self.cache is None) else self.cache.get(u.signature())
+            hit = None if (fresh or self.cache is None) else self.cache.get(_cache_key(u, cold))
             if hit is not None and in_run and _doubled(u) and not _finite(hit.get("in_run_ms")):
                 hit = None  # timed before without its in-run cost: time it again, with it
             if hit is not None:
@@ -280,7 +332,7 @@ class CostModel:
         for group in groups:
             if group:
                 for k, est in zip(group, self._measure([units[k] for k in group], net_of_layout=net_of_layout,
-                                                       in_run=in_run), strict=True):
+                                                       in_run=in_run, cold=cold), strict=True):
                     out[k] = est
         if self.cache is not None:
             self.cache.save()
@@ -333,7 +385,7 @@ class CostModel:
         from scipy.optimize import nnls
 
         rows = [e for e in (self.cache.entries.values() if self.cache else ())
-                if _finite(e.get("macs")) and _finite(e.get("bytes"))]
+                if _finite(e.get("macs")) and _finite(e.get("bytes")) and not e.get("cold")]
         if len(rows) < 8:
             return _DEFAULT_COEF, "uncalibrated defaults: nothing measured on this machine yet"
         # Relative least squares (each row divided by its time), so small layers count as much as big ones.
@@ -345,7 +397,8 @@ class CostModel:
         err = float(np.median(np.abs(pred - t) / np.maximum(t, 1e-6)))
         return (float(coef[0]), float(coef[1]), float(coef[2])), f"fit to {len(rows)} timings of this machine, median error {err:.0%}"
 
-    def _measure(self, units: Sequence[Unit], net_of_layout: bool = True, in_run: bool = False) -> list[Estimate]:
+    def _measure(self, units: Sequence[Unit], net_of_layout: bool = True, in_run: bool = False,
+                 cold: bool = False) -> list[Estimate]:
         """Time `units` together, interleaved, by wall clock. A unit alone in the blocked (NCHWc)
         layout is wrapped by onnxruntime in layout reorders (ReorderInput / ReorderOutput, up to a
         third of a 1x1 conv's time) that inside a model consecutive blocked layers do not pay; so a
@@ -401,7 +454,7 @@ class CostModel:
                 pairs = [d for d in doubled if d is not None]
                 wall = _interleave(sessions + [d[0] for d in pairs], feeds + [d[1] for d in pairs],
                                    names + [d[2] for d in pairs], target_ms=self.target_ms, min_runs=self.min_runs,
-                                   max_runs=self.max_runs)
+                                   max_runs=self.max_runs, between=_Evictor() if cold else None)
                 second = iter(wall[n:])
                 copy_count = {k: d[3] for k, d in zip(live, doubled, strict=True) if d is not None}
                 wall, wall2 = wall[:n], [None if d is None else next(second) for d in doubled]
@@ -422,11 +475,12 @@ class CostModel:
                     results[k] = est
                     self.measured_units += 1
                     if self.cache is not None:
-                        self.cache.put(units[k].signature(), {
+                        self.cache.put(_cache_key(units[k], cold), {
                             "ms": est.ms, "runs": est.runs, "spread": est.spread, "wall_ms": float(p50),
                             "in_run_ms": est.in_run_ms,
                             "reorder_in_ms": est.reorder_in_ms, "reorder_out_ms": est.reorder_out_ms,
-                            "macs": units[k].macs, "bytes": units[k].bytes, "ops": units[k].ops})
+                            "macs": units[k].macs, "bytes": units[k].bytes, "ops": units[k].ops,
+                            **({"cold": True} if cold else {})})
                         self._coef = None
         return [r for r in results if r is not None]
 
@@ -618,15 +672,18 @@ def _bound_runner(session: Any, names: list[str], feeds: dict) -> Any:
 
 
 def _interleave(sessions: Sequence[Any], feeds: Sequence[dict], names: Sequence[list[str]], *, target_ms: float,
-                min_runs: int, max_runs: int) -> list[list[float]]:
+                min_runs: int, max_runs: int, between: Any = None) -> list[list[float]]:
     """Run counts from a short probe (each unit runs about target_ms in all), then 3 rounds in which
-    every unit still owed a run runs once per iteration, the start rotating."""
+    every unit still owed a run runs once per iteration, the start rotating; `between()`, when
+    given, before every timed run, untimed."""
     clock = time.perf_counter
     n = len(sessions)
     runs = [_bound_runner(s, nm, f) for s, nm, f in zip(sessions, names, feeds, strict=True)]
     probe = []
     for k in range(n):  # warm-up and a first time per unit
         runs[k]()
+        if between is not None:
+            between()
         t0 = clock()
         runs[k]()
         probe.append(max((clock() - t0) * 1e3, 1e-3))
@@ -642,6 +699,8 @@ def _interleave(sessions: Sequence[Any], feeds: Sequence[dict], names: Sequence[
                 break
             for j in range(len(owed)):
                 k = owed[(it + j) % len(owed)]
+                if between is not None:
+                    between()
                 t0 = clock()
                 runs[k]()
                 samples[k].append((clock() - t0) * 1e3)

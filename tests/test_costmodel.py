@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from _helpers import ppocr_model_paths
 from _tiny_models import tiny_cnn
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp.costmodel import CostModel, LatencyCache, Settings
 from onnxcomp.profile import capture_values, profile
@@ -83,6 +83,46 @@ def test_fresh_remeasures_interleaved(cache_dir):
     small, big = cm.estimate([_conv_unit("c", channels=8), _conv_unit("c", channels=64)], fresh=True)
     assert small.source == big.source == "measured"
     assert big.ms > small.ms  # 64x the MACs
+
+
+def test_cold_timing_empties_the_cache_before_each_run_and_is_cached_apart(cache_dir, monkeypatch):
+    """A model whose weights exceed the last-level cache reads them from memory every run; timed
+    alone, a layer's stay cached. `cold=True` empties the cache before every timed run (untimed)
+    and keeps its timings apart from the warm ones and out of the analytic fit."""
+    import onnxcomp.costmodel as costmodel
+
+    calls: list[int] = []
+    real = costmodel._Evictor.__call__
+
+    def counted(self):
+        calls.append(1)
+        real(self)
+
+    monkeypatch.setattr(costmodel._Evictor, "__call__", counted)
+    cm = CostModel(target_ms=5)
+    warm = cm.estimate([_conv_unit("c")])[0]
+    assert warm.source == "measured" and not calls
+    cold = cm.estimate([_conv_unit("c")], cold=True)[0]
+    assert cold.source == "measured" and len(calls) >= cold.runs >= 5  # one emptying per timed run at least
+    entries = LatencyCache(Settings()).entries
+    key = _conv_unit("c").signature()
+    assert set(entries) >= {key, key + "/cold"} and entries[key + "/cold"]["cold"] is True
+    assert "cold" not in entries[key]
+    assert CostModel(target_ms=5).estimate([_conv_unit("c")], cold=True)[0].source == "cache"
+    n = len(calls)
+    assert CostModel(target_ms=5).estimate([_conv_unit("c")])[0].ms == pytest.approx(warm.ms)  # the warm one
+    assert len(calls) == n
+
+
+def test_model_weights_exceed_cache_compares_initializers_with_half_the_last_level_cache(monkeypatch):
+    import onnxcomp.costmodel as costmodel
+
+    model = tiny_cnn()
+    weights = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    monkeypatch.setattr(costmodel, "last_level_cache_bytes", lambda: 2 * weights + 2)
+    assert not costmodel.model_weights_exceed_cache(model)
+    monkeypatch.setattr(costmodel, "last_level_cache_bytes", lambda: 2 * weights - 2)
+    assert costmodel.model_weights_exceed_cache(model)
 
 
 def test_analytic_when_measuring_is_off_or_a_unit_cannot_run(cache_dir):
