@@ -248,11 +248,13 @@ def _cache_key(unit: Unit, cold: bool) -> str:
 
 
 def model_weights_exceed_cache(model: onnx.ModelProto) -> bool:
-    """Whether `model`'s initializers take more than half the CPU's last-level cache (32 MB assumed
-    where unknown): then a run reads most weights from memory (activations and a rewrite's larger
-    weights take the rest), and layers are best compared with `estimate(cold=True)`."""
+    """Whether `model`'s weights (initializers and Constant nodes' tensors) take more than half the
+    CPU's last-level cache (32 MB assumed where unknown): then a run reads most weights from memory
+    (activations and a rewrite's larger weights take the rest), and layers are best compared with
+    `estimate(cold=True)`."""
     llc = last_level_cache_bytes() or (32 << 20)
-    weights = sum(_tensor_bytes(t) for t in model.graph.initializer)
+    constants = [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    weights = sum(_tensor_bytes(t) for t in [*model.graph.initializer, *constants])
     return weights > llc // 2
 
 

@@ -123,6 +123,17 @@ def test_model_weights_exceed_cache_compares_initializers_with_half_the_last_lev
     assert not costmodel.model_weights_exceed_cache(model)
     monkeypatch.setattr(costmodel, "last_level_cache_bytes", lambda: 2 * weights - 2)
     assert costmodel.model_weights_exceed_cache(model)
+    # weights held in Constant nodes (Paddle exports before normalize) count the same
+    as_constants = onnx.ModelProto()
+    as_constants.CopyFrom(model)
+    nodes = [helper.make_node("Constant", [], [t.name], value=t) for t in as_constants.graph.initializer]
+    nodes += list(as_constants.graph.node)
+    del as_constants.graph.initializer[:]
+    del as_constants.graph.node[:]
+    as_constants.graph.node.extend(nodes)
+    assert costmodel.model_weights_exceed_cache(as_constants)
+    monkeypatch.setattr(costmodel, "last_level_cache_bytes", lambda: 2 * weights + 2)
+    assert not costmodel.model_weights_exceed_cache(as_constants)
 
 
 def test_analytic_when_measuring_is_off_or_a_unit_cannot_run(cache_dir):
