@@ -31,7 +31,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -674,7 +674,7 @@ def _bound_runner(session: Any, names: list[str], feeds: dict) -> Any:
 
 
 def _interleave(sessions: Sequence[Any], feeds: Sequence[dict], names: Sequence[list[str]], *, target_ms: float,
-                min_runs: int, max_runs: int, between: Any = None) -> list[list[float]]:
+                min_runs: int, max_runs: int, between: Callable[[], Any] | None = None) -> list[list[float]]:
     """Run counts from a short probe (each unit runs about target_ms in all), then 3 rounds in which
     every unit still owed a run runs once per iteration, the start rotating; `between()`, when
     given, before every timed run, untimed."""
