@@ -116,16 +116,18 @@ def main() -> int:
                      f"{r['macs_ratio'] or 0:.3f} | {r['speedup']:.3f} | "
                      f"{predicted}{1 / r['speedup']:.3f} | {r['rewritten']} | "
                      f"{' '.join(f'{v:.3f}' for v in r.get('speedups', []))} |")
-    lines += ["", "For each MAC-driven point, the fastest latency-budget point with no worse error (picked by the "
-              "speed-ups above), then the two timed again head to head, interleaved with the original, "
-              f"{REPEATS} times: the ratio is the median of these pairings (all in the last column), the "
-              "speed-ups and the gain (speed-up minus 1, budget over MACs) from that median pairing. Ceiling: the "
-              "fastest budget point of the model *at any error* (every layer at or near its cheapest option) over the "
-              "MAC point, both from the grid's timings: no budget can beat the MAC point by more, so where it is below "
-              "1.2x the target of 1.2x is out of Tucker's reach on that model.", "",
-              "| model | rank=macs | its error | best budget=latency | its error | speed-ups head to head (MACs / budget) "
-              "| ratio | gain | ceiling | ratios timed |",
-              "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    if any(r["config"].startswith("rank=") for r in rows):
+        lines += ["", "For each MAC-driven point, the fastest latency-budget point with no worse error (picked by the "
+                  "speed-ups above), then the two timed again head to head, interleaved with the original, "
+                  f"{REPEATS} times: the ratio is the median of these pairings (all in the last column), the "
+                  "speed-ups and the gain (speed-up minus 1, budget over MACs) from that median pairing. Ceiling: "
+                  "the fastest budget point of the model *at any error* (every layer at or near its cheapest option) "
+                  "over the MAC point, both from the grid's timings: an estimate of how far any budget could beat the "
+                  "MAC point, as noisy as those timings; where it is well below 1.2x, the target of 1.2x is out of "
+                  "Tucker's reach on that model.", "",
+                  "| model | rank=macs | its error | best budget=latency | its error | speed-ups head to head "
+                  "(MACs / budget) | ratio | gain | ceiling | ratios timed |",
+                  "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if not r["config"].startswith("rank="):
             continue

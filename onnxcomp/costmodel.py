@@ -114,12 +114,16 @@ def cache_root() -> Path:
 
 
 def last_level_cache_bytes() -> int | None:
-    """The size of the CPU's largest cache (Linux sysfs), None where it cannot be read."""
+    """The size of the CPU's level-3 (or higher) cache (Linux sysfs), None where none is exposed: an
+    L2 taken for the last level would make nearly every model look too large for it."""
     sizes = []
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
+            level = int((index / "level").read_text().strip())
             text = (index / "size").read_text().strip().upper()
-        except OSError:
+        except (OSError, ValueError):
+            continue
+        if level < 3:
             continue
         scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
         digits = text[:-1] if text[-1:] in "KMG" else text
@@ -129,18 +133,22 @@ def last_level_cache_bytes() -> int | None:
 
 
 class _Evictor:
-    """Reads a buffer of twice the last-level cache (64 MB where unknown): run before each timed run
-    of a `cold` measurement, it leaves a unit's weights in memory, not in the cache, as in a model
-    whose weights exceed the cache (zoo resnet18, 46 MB against this VM's 32 MB: a WinogradConv
-    1.09x faster than the direct conv with its weights cached was 0.97x with them cold, its
-    pre-transformed weights being 4x the direct ones)."""
+    """Reads a buffer of twice the last-level cache (64 MB where unknown), then the unit's inputs:
+    run before each timed run of a `cold` measurement, it leaves the unit's weights in memory, not
+    in the cache, as in a model whose weights exceed the cache, while its input is cached, as the
+    previous layer left it (zoo resnet18, 46 MB against this VM's 32 MB: a WinogradConv 1.09x faster
+    than the direct conv with its weights cached was 0.97x with them cold, its pre-transformed
+    weights being 4x the direct ones). An approximation: only the caches the Python thread reaches
+    are emptied, and onnxruntime's other thread keeps its own L2."""
 
     def __init__(self) -> None:
         llc = last_level_cache_bytes() or (32 << 20)
         self.buffer = np.ones(2 * llc // 8, np.float64)
 
-    def __call__(self) -> None:
+    def __call__(self, feeds: dict | None = None) -> None:
         self.buffer.sum()
+        for v in (feeds or {}).values():
+            np.asarray(v).sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +252,7 @@ class LatencyCache:
 
 
 def _cache_key(unit: Unit, cold: bool) -> str:
-    return unit.signature() + ("/cold" if cold else "")
+    return unit.signature() + ("/cold-inputs-warm" if cold else "")
 
 
 def model_weights_exceed_cache(model: onnx.ModelProto) -> bool:
@@ -674,9 +682,9 @@ def _bound_runner(session: Any, names: list[str], feeds: dict) -> Any:
 
 
 def _interleave(sessions: Sequence[Any], feeds: Sequence[dict], names: Sequence[list[str]], *, target_ms: float,
-                min_runs: int, max_runs: int, between: Callable[[], Any] | None = None) -> list[list[float]]:
+                min_runs: int, max_runs: int, between: Callable[[dict], Any] | None = None) -> list[list[float]]:
     """Run counts from a short probe (each unit runs about target_ms in all), then 3 rounds in which
-    every unit still owed a run runs once per iteration, the start rotating; `between()`, when
+    every unit still owed a run runs once per iteration, the start rotating; `between(feeds)`, when
     given, before every timed run, untimed."""
     clock = time.perf_counter
     n = len(sessions)
@@ -685,7 +693,7 @@ def _interleave(sessions: Sequence[Any], feeds: Sequence[dict], names: Sequence[
     for k in range(n):  # warm-up and a first time per unit
         runs[k]()
         if between is not None:
-            between()
+            between(feeds[k])
         t0 = clock()
         runs[k]()
         probe.append(max((clock() - t0) * 1e3, 1e-3))
@@ -702,7 +710,7 @@ def _interleave(sessions: Sequence[Any], feeds: Sequence[dict], names: Sequence[
             for j in range(len(owed)):
                 k = owed[(it + j) % len(owed)]
                 if between is not None:
-                    between()
+                    between(feeds[k])
                 t0 = clock()
                 runs[k]()
                 samples[k].append((clock() - t0) * 1e3)

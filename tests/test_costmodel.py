@@ -94,9 +94,10 @@ def test_cold_timing_empties_the_cache_before_each_run_and_is_cached_apart(cache
     calls: list[int] = []
     real = costmodel._Evictor.__call__
 
-    def counted(self):
+    def counted(self, feeds=None):
         calls.append(1)
-        real(self)
+        assert set(feeds) == {"x"}  # the unit's inputs, read again after the weights are evicted
+        real(self, feeds)
 
     monkeypatch.setattr(costmodel._Evictor, "__call__", counted)
     cm = CostModel(target_ms=5)
@@ -106,12 +107,17 @@ def test_cold_timing_empties_the_cache_before_each_run_and_is_cached_apart(cache
     assert cold.source == "measured" and len(calls) >= cold.runs >= 5  # one emptying per timed run at least
     entries = LatencyCache(Settings()).entries
     key = _conv_unit("c").signature()
-    assert set(entries) >= {key, key + "/cold"} and entries[key + "/cold"]["cold"] is True
+    assert set(entries) >= {key, key + "/cold-inputs-warm"} and entries[key + "/cold-inputs-warm"]["cold"] is True
     assert "cold" not in entries[key]
     assert CostModel(target_ms=5).estimate([_conv_unit("c")], cold=True)[0].source == "cache"
     n = len(calls)
     assert CostModel(target_ms=5).estimate([_conv_unit("c")])[0].ms == pytest.approx(warm.ms)  # the warm one
     assert len(calls) == n
+    # cold timings stay out of the analytic fit (MACs and bytes predict warm times)
+    fit = CostModel(target_ms=5)
+    fit.cache.entries = {f"w{i}": {"ms": 1.0 + i, "macs": 1e6 * (i + 1), "bytes": 1e5} for i in range(8)}
+    fit.cache.entries.update({f"c{i}/cold": {"ms": 50.0, "macs": 1e6, "bytes": 1e5, "cold": True} for i in range(8)})
+    assert "fit to 8 timings" in fit.coefficients()[1]
 
 
 def test_model_weights_exceed_cache_compares_initializers_with_half_the_last_level_cache(monkeypatch):

@@ -39,9 +39,11 @@ repeatedly takes the single move — one layer to a cheaper option — with the 
 per layer, so every layer counts the same however large it is; the log makes each further cut of
 one layer dearer, so the budget is spread instead of wrecking the largest layers. The pass figures
 give the achieved ratio (`budget_achieved`), `budget_met`, the reach (`budget_floor`: the ratio with
-every layer at its cheapest option; `budget_fixed`: the share in layers the pass cannot decompose, so
-no budget below it and no speed-up above 1 / `budget_fixed` is possible), and a `budget_note` when
-the target is out of reach. Needs static spatial shapes (the model's or `--input-shape`).
+every layer at its cheapest option; `budget_fixed`: the share outside the layers the pass considers,
+those it cannot decompose or whose shapes are unknown, so no speed-up above 1 / `budget_fixed` is
+possible; a considered layer with no option counts at its full cost in the floor; with a latency
+budget the share is the whole run minus the layers alone, 0 when they add up to more), and a
+`budget_note` when the target is out of reach. Needs static spatial shapes (the model's or `--input-shape`).
 With `--data` (`allocate=auto` or `sensitivity`), each option's error proxy is replaced by what it
 *measures*: the layer alone decomposed at up to 4 options of its front, the whole model's relative
 squared output error on 64 calibration samples (proxies of the options in between scaled by the
