@@ -260,16 +260,10 @@ def model_weights_exceed_cache(model: onnx.ModelProto) -> bool:
     CPU's last-level cache (32 MB assumed where unknown): then a run reads most weights from memory
     (activations and a rewrite's larger weights take the rest), and layers are best compared with
     `estimate(cold=True)`."""
+    from onnxcomp.analysis import param_bits
+
     llc = last_level_cache_bytes() or (32 << 20)
-    constants = [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
-    weights = sum(_tensor_bytes(t) for t in [*model.graph.initializer, *constants])
-    return weights > llc // 2
-
-
-def _tensor_bytes(t: onnx.TensorProto) -> int:
-    if t.raw_data:
-        return len(t.raw_data)
-    return math.prod(t.dims) * max(onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize, 1)
+    return param_bits(model) // 8 > llc // 2
 
 
 def _finite(v: Any) -> bool:
@@ -297,6 +291,7 @@ class CostModel:
         self.max_runs = max_runs
         self._coef: tuple[tuple[float, float, float], str] | None = None
         self._overhead: float | None = None
+        self._evictor: _Evictor | None = None  # cold timing's buffer, made once per cost model
         self.measured_units = 0
         self.cached_units = 0
 
@@ -391,6 +386,11 @@ class CostModel:
         return sorted(pairs, key=lambda p: p[1] / p[0])
 
     # -- internals ----------------------------------------------------------------------------
+    def _cold_evictor(self) -> _Evictor:
+        if self._evictor is None:
+            self._evictor = _Evictor()
+        return self._evictor
+
     def _fit(self) -> tuple[tuple[float, float, float], str]:
         from scipy.optimize import nnls
 
@@ -464,7 +464,7 @@ class CostModel:
                 pairs = [d for d in doubled if d is not None]
                 wall = _interleave(sessions + [d[0] for d in pairs], feeds + [d[1] for d in pairs],
                                    names + [d[2] for d in pairs], target_ms=self.target_ms, min_runs=self.min_runs,
-                                   max_runs=self.max_runs, between=_Evictor() if cold else None)
+                                   max_runs=self.max_runs, between=self._cold_evictor() if cold else None)
                 second = iter(wall[n:])
                 copy_count = {k: d[3] for k, d in zip(live, doubled, strict=True) if d is not None}
                 wall, wall2 = wall[:n], [None if d is None else next(second) for d in doubled]
